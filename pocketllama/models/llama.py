@@ -1,0 +1,175 @@
+"""Llama 3.x decoder (LlamaForCausalLM) with HF parameter names.
+
+`model(input_ids, positions, cache)` runs a whole prompt, an incremental step against a static KV cache,
+or a right-padded batch where every row keeps its own positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from ..engine.kv_cache import KVCache, round_up
+from .rope import RotaryEmbedding, apply_rotary
+
+# Attend over the cache in windows of this many slots: keeps decode cost proportional to the context used
+# while the number of distinct shapes (and compiled graphs) stays small.
+KV_WINDOW = 256
+
+
+class Linear(nn.Linear):
+    """nn.Linear that takes the GEMV kernel for a single row (decode): `mv` streams the weight at close to
+    memory bandwidth, `linear` on a [1, K] input does not (PERF.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and self.weight.dtype == x.dtype:
+            y = torch.mv(self.weight, x.reshape(-1))
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                  config.head_dim)
+        bias = config.attention_bias
+        self.q_proj = Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = self.n_heads != self.n_kv
+        if ctx.cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)  # (B, H, T, hd)
+        else:
+            ctx.cache.update(self.layer_idx, ctx.rows, ctx.positions, k, v)
+            keys = ctx.cache.keys[self.layer_idx][:, :, : ctx.kv_len]  # (B, KV, S, hd)
+            values = ctx.cache.values[self.layer_idx][:, :, : ctx.kv_len]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _StepContext:
+    """Per-call attention metadata, passed down explicitly (no hidden global state)."""
+
+    def __init__(self, positions: torch.Tensor, cache: KVCache | None) -> None:
+        self.cache, self.positions = cache, positions
+        self.rows = self.mask = None
+        self.kv_len = 0
+        if cache is not None:
+            B = positions.shape[0]
+            if B != cache.batch_size:
+                raise ValueError(f"batch of {B} rows does not match the KV cache's {cache.batch_size} rows")
+            top = int(positions.max()) + 1
+            if top > cache.max_len or int(positions.min()) < 0:
+                raise ValueError(f"position {top - 1} is outside the KV cache (max_len {cache.max_len})")
+            self.kv_len = min(round_up(top, KV_WINDOW), cache.max_len)
+            self.rows = torch.arange(B, device=positions.device)[:, None]  # (B, 1)
+            slots = torch.arange(self.kv_len, device=positions.device)
+            self.mask = (slots <= positions[:, :, None])[:, None]  # (B, 1, T, S): causal per row
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        ctx = _StepContext(positions, cache)
+        for layer in self.layers:
+            h = layer(h, cos, sin, ctx)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama 3.x causal LM. Tied models have no `lm_head`: logits use `model.embed_tokens.weight`."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        c = self.config
+        ref = self.model.norm.weight
+        return KVCache.allocate(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim,
+                                dtype or ref.dtype, ref.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab) in the model dtype.
+
+        positions (B, T): absolute positions (default 0..T-1); with `cache`, K/V are written at those slots.
+        logits_at (B,): compute logits only at this index of each row -> (B, 1, vocab) (prefill saves the
+        vocab projection of every prompt token but the last).
+        """
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        h = self.model(input_ids, positions, cache)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]  # (B, 1, D)
+        if self.config.tie_word_embeddings:
+            w = self.model.embed_tokens.weight
+            if h.numel() == h.shape[-1] and w.dtype == h.dtype:
+                return torch.mv(w, h.reshape(-1)).view(*h.shape[:-1], -1)
+            return F.linear(h, w)
+        return self.lm_head(h)

@@ -1,0 +1,80 @@
+"""The `Checkpoint` protocol every weight source implements, and the one loader that builds a model from it.
+
+The model is built on the meta device and each parameter is assigned a tensor straight from the source
+(memory-mapped where the dtype allows), so loading never holds two copies of the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
+
+
+class Checkpoint(Protocol):
+    path: Path
+    native_dtype: torch.dtype
+
+    def hf_config(self) -> dict[str, Any]: ...
+    def tensor_names(self) -> list[str]: ...
+    def tensor_shape(self, name: str) -> tuple[int, ...]: ...
+    def load_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+    def load_tokenizer(self) -> Tokenizer: ...
+    def generation_config(self) -> dict[str, Any]: ...
+    def chat_template(self) -> str | None: ...
+
+
+class WeightsMismatchError(ValueError):
+    """The checkpoint's tensors do not fit the model built from its config."""
+
+
+def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: Path) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
+        for k in set(expected) & set(found) if tuple(found[k]) != tuple(expected[k]))
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"checkpoint {source} does not match the model built from its config:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+    raise WeightsMismatchError("\n".join(lines))
+
+
+def build_on_meta(cls: type[nn.Module], config: Any) -> nn.Module:
+    with torch.device("meta"):
+        return cls(config)
+
+
+def assign_weights(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
+                   device: torch.device | str = "cpu", progress: bool = False,
+                   ignore: set[str] = frozenset()) -> None:
+    """Assign every parameter of `model` (built on meta) from `checkpoint`, converting to `dtype`."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = [n for n in checkpoint.tensor_names() if n not in ignore]
+    check_tensors(expected, {n: tuple(checkpoint.tensor_shape(n)) for n in names}, checkpoint.path)
+    state: dict[str, torch.Tensor] = {}
+    iterator = names
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(names, desc=f"loading {checkpoint.path.name}", unit="tensor", leave=False)
+    for name in iterator:
+        t = checkpoint.load_tensor(name, dtype)
+        if t.device != torch.device(device):
+            t = t.to(device)
+        state[name] = t
+    model.load_state_dict(state, strict=True, assign=True)
+    for module in model.modules():  # non-persistent buffers (rotary frequencies) were built on the CPU
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != torch.device(device):
+                module._buffers[key] = buf.to(device)
