@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,69 @@ class LLM:
 
             self._chat_format = get_chat_format(self.tokenizer, self.chat_template)
         return self._chat_format
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def sampling_params(self, **sampling: Any):
+        """SamplingParams from the model's generation_config.json defaults, then `sampling` overrides."""
+        from .engine.sampling import SamplingParams
+
+        return SamplingParams.from_generation_config(self.generation_config, **sampling)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict] | None = None, *,
+                            add_generation_prompt: bool = True, tokenize: bool = True,
+                            date_string: str | None = None, **kwargs: Any) -> list[int] | str:
+        """Messages -> prompt ids (`tokenize=True`) or prompt text, like transformers' tokenizer method.
+
+        >>> llm.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)  # doctest: +SKIP
+        '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: ...'
+        """
+        fmt = self.chat_format
+        fn = fmt.encode if tokenize else fmt.render
+        return fn(messages, add_generation_prompt=add_generation_prompt, date_string=date_string, tools=tools,
+                  **kwargs)
+
+    def stream(self, prompt: str | list[int], *, truncate: str = "error", compile: bool = False,
+               **sampling: Any) -> Iterator[Any]:
+        """Yield `GenerationResponse`s (text delta, token, logprob, finish_reason, usage, tokens/s).
+
+        A str prompt is a plain completion (encoded with the model's BOS convention); a list is prompt ids.
+        >>> for r in llm.stream("Once upon a time", max_tokens=20): print(r.text, end="")  # doctest: +SKIP
+        """
+        from .engine.generate import stream_generate
+
+        yield from stream_generate(self.model, self.tokenizer, prompt, self.sampling_params(**sampling),
+                                   truncate=truncate, compile=compile)
+
+    def generate(self, prompt: str | list[int], *, truncate: str = "error", compile: bool = False,
+                 **sampling: Any):
+        """Complete `prompt`; returns a `GenerationResult` (`.text`, `.tokens`, `.finish_reason`, usage).
+
+        >>> llm.generate("The capital of France is", max_tokens=8).text  # doctest: +SKIP
+        """
+        from .engine.generate import generate
+
+        return generate(self.model, self.tokenizer, prompt, self.sampling_params(**sampling),
+                        truncate=truncate, compile=compile)
+
+    def stream_chat(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None,
+                    date_string: str | None = None, **kwargs: Any) -> Iterator[Any]:
+        """`stream` over the chat-formatted prompt of `messages`."""
+        ids = self.apply_chat_template(messages, tools, date_string=date_string)
+        yield from self.stream(ids, **kwargs)
+
+    def chat(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None,
+             date_string: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Answer a conversation; returns the assistant message `{"role": "assistant", "content": ...}`.
+
+        >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}])  # doctest: +SKIP
+        {'role': 'assistant', 'content': 'The capital of France is Paris.'}
+        """
+        text = "".join(r.text for r in self.stream_chat(messages, tools=tools, date_string=date_string,
+                                                          **kwargs))
+        return {"role": "assistant", "content": text}
 
 
 def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,

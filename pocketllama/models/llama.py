@@ -17,6 +17,9 @@ from .rope import RotaryEmbedding, apply_rotary
 # Attend over the cache in windows of this many slots: keeps decode cost proportional to the context used
 # while the number of distinct shapes (and compiled graphs) stays small.
 KV_WINDOW = 256
+# Up to this many new tokens per row, attention against the cache is two small matmuls (decode, speculative
+# verification); longer chunks (prefill) take SDPA's fused kernel.
+SMALL_QUERY = 16
 
 
 class Linear(nn.Linear):
@@ -69,8 +72,24 @@ class LlamaAttention(nn.Module):
             ctx.cache.update(self.layer_idx, ctx.rows, ctx.positions, k, v)
             keys = ctx.cache.keys[self.layer_idx][:, :, : ctx.kv_len]  # (B, KV, S, hd)
             values = ctx.cache.values[self.layer_idx][:, :, : ctx.kv_len]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=gqa)
+            if T <= SMALL_QUERY:
+                out = self._grouped_attention(q, keys, values, ctx.mask)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """Few queries against the cache: the query heads that share a kv head are stacked into one matmul
+        (no K/V repeat); softmax in fp32 as HF's eager path. q (B, H, T, hd), k/v (B, KV, S, hd)."""
+        B, H, T, hd = q.shape
+        G = H // self.n_kv
+        qg = q.reshape(B, self.n_kv, G * T, hd)  # heads of a group are consecutive (repeat_interleave order)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G*T, S)
+        allowed = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v).view(B, H, T, hd)
 
 
 class LlamaMLP(nn.Module):

@@ -1,0 +1,1 @@
+"""Command modules of the `pocketllama` CLI; each has `main(argv) -> int`."""

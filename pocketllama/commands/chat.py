@@ -1,0 +1,117 @@
+"""`pocketllama chat`: an interactive multi-turn REPL with streamed answers, or one answer to a question.
+
+    pocketllama chat -m MODEL                      # REPL: /reset, /system TEXT, /exit
+    pocketllama chat -m MODEL "What is 2+2?"       # prints only the answer
+    echo "What is 2+2?" | pocketllama chat         # question from stdin
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_model_args, add_sampling_args, cli_errors, load_from_args, sampling_kwargs
+from .generate import stats_line
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pocketllama chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("question", nargs="*", help="ask one question, print the answer and exit")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--date", default=None, help="date for the Llama 3.2 system block, e.g. '26 Jul 2024'")
+    add_sampling_args(p)
+    p.add_argument("--stats", action="store_true", help="one-shot: print token counts and tokens/s to stderr")
+    return p
+
+
+class ChatSession:
+    """A conversation: messages so far plus the system prompt; `ask` streams one answer."""
+
+    def __init__(self, llm, system: str | None, date: str | None, sampling: dict, compile: bool) -> None:
+        self.llm, self.system, self.date, self.sampling, self.compile = llm, system, date, sampling, compile
+        self.history: list[dict] = []
+
+    def messages(self) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history
+
+    def ask(self, question: str, out) -> object:
+        self.history.append({"role": "user", "content": question})
+        parts, last = [], None
+        for last in self.llm.stream_chat(self.messages(), date_string=self.date, compile=self.compile,
+                                         **self.sampling):
+            parts.append(last.text)
+            out.write(last.text)
+            out.flush()
+        self.history.append({"role": "assistant", "content": "".join(parts)})
+        return last
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    question = " ".join(args.question).strip()
+    if not question and not sys.stdin.isatty():
+        question = sys.stdin.read().strip()
+        if not question:
+            raise ValueError("empty question on stdin")
+    llm = load_from_args(args)
+    session = ChatSession(llm, args.system, args.date, sampling_kwargs(args), args.compile)
+    if question:
+        last = session.ask(question, sys.stdout)
+        sys.stdout.write("\n")
+        if args.stats and last is not None:
+            print(stats_line(last), file=sys.stderr)
+        return 0
+    return repl(session)
+
+
+def repl(session: ChatSession) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"pocketllama chat with {session.llm.source.name} ({HELP})", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not line:
+            continue
+        if line in ("/exit", "/quit", "/bye"):
+            return 0
+        if line == "/reset":
+            session.history.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            session.system = line[len("/system"):].strip() or None
+            session.history.clear()
+            print(f"(system prompt {'set' if session.system else 'cleared'}; conversation cleared)",
+                  file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]!r}; {HELP}", file=sys.stderr)
+            continue
+        try:
+            last = session.ask(line, sys.stdout)
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            session.history.pop()
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the REPL
+            session.history.pop()
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        if last is not None:
+            print(stats_line(last), file=sys.stderr)

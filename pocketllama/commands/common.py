@@ -1,0 +1,64 @@
+"""Flags shared by commands (model, dtype, threads, sampling) and the error boundary of the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help="model: folder (HF or Meta), .gguf file, HF repo id in the local cache, or alias "
+                        "(default: smollm2-135m; see `pocketllama models`)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight/compute dtype (default: the checkpoint's own; quantized GGUF -> float32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, (0, 1]")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p * p(top token)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="HF repetition penalty (1 = off)")
+    g.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate (default 256)")
+    g.add_argument("--seed", type=int, default=None, help="random seed: same seed, same output")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed", "stop")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def load_from_args(args: argparse.Namespace):
+    import torch
+
+    from ..llm import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model, dtype=args.dtype, device=args.device)
+
+
+def cli_errors(fn: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Bad input ends with one clear line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return fn(argv)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        except (ValueError, FileNotFoundError, TypeError, OSError) as e:
+            print(f"pocketllama: error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapper
