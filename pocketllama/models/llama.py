@@ -70,8 +70,8 @@ class LlamaAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)  # (B, H, T, hd)
         else:
             ctx.cache.update(self.layer_idx, ctx.rows, ctx.positions, k, v)
-            keys = ctx.cache.keys[self.layer_idx][:, :, : ctx.kv_len]  # (B, KV, S, hd)
-            values = ctx.cache.values[self.layer_idx][:, :, : ctx.kv_len]
+            keys = ctx.window(ctx.cache.keys[self.layer_idx])  # (B, KV, S, hd)
+            values = ctx.window(ctx.cache.values[self.layer_idx])
             if T <= SMALL_QUERY:
                 out = self._grouped_attention(q, keys, values, ctx.mask)
             else:
@@ -118,23 +118,37 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class _StepContext:
-    """Per-call attention metadata, passed down explicitly (no hidden global state)."""
+    """Per-call attention metadata, passed down explicitly (no hidden global state).
 
-    def __init__(self, positions: torch.Tensor, cache: KVCache | None) -> None:
+    `cache_rows` (B,) maps input rows to cache rows (continuous batching runs any subset of the cache's
+    sequences); None means input row b is cache row b and the batch covers the whole cache.
+    """
+
+    def __init__(self, positions: torch.Tensor, cache: KVCache | None, cache_rows: torch.Tensor | None) -> None:
         self.cache, self.positions = cache, positions
-        self.rows = self.mask = None
+        self.rows = self.mask = self.cache_rows = None
         self.kv_len = 0
         if cache is not None:
             B = positions.shape[0]
-            if B != cache.batch_size:
+            if cache_rows is None and B != cache.batch_size:
                 raise ValueError(f"batch of {B} rows does not match the KV cache's {cache.batch_size} rows")
+            if cache_rows is not None and cache_rows.shape != (B,):
+                raise ValueError(f"cache_rows must have shape ({B},), got {tuple(cache_rows.shape)}")
             top = int(positions.max()) + 1
             if top > cache.max_len or int(positions.min()) < 0:
                 raise ValueError(f"position {top - 1} is outside the KV cache (max_len {cache.max_len})")
             self.kv_len = min(round_up(top, KV_WINDOW), cache.max_len)
-            self.rows = torch.arange(B, device=positions.device)[:, None]  # (B, 1)
+            if cache_rows is None:
+                self.rows = torch.arange(B, device=positions.device)[:, None]  # (B, 1)
+            else:
+                self.rows, self.cache_rows = cache_rows[:, None], cache_rows
             slots = torch.arange(self.kv_len, device=positions.device)
             self.mask = (slots <= positions[:, :, None])[:, None]  # (B, 1, T, S): causal per row
+
+    def window(self, buf: torch.Tensor) -> torch.Tensor:
+        """The attended slots of one cache buffer for the rows of this batch: (B, KV, S, hd)."""
+        buf = buf[:, :, : self.kv_len]
+        return buf if self.cache_rows is None else buf.index_select(0, self.cache_rows)
 
 
 class LlamaModel(nn.Module):
@@ -145,10 +159,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rotary_emb(positions, h.dtype)
-        ctx = _StepContext(positions, cache)
+        ctx = _StepContext(positions, cache, cache_rows)
         for layer in self.layers:
             h = layer(h, cos, sin, ctx)
         return self.norm(h)
@@ -174,16 +189,18 @@ class LlamaForCausalLM(nn.Module):
                                 dtype or ref.dtype, ref.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab) in the model dtype.
 
         positions (B, T): absolute positions (default 0..T-1); with `cache`, K/V are written at those slots.
         logits_at (B,): compute logits only at this index of each row -> (B, 1, vocab) (prefill saves the
         vocab projection of every prompt token but the last).
+        cache_rows (B,): which cache row each input row uses (default: row b <-> cache row b, all rows).
         """
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        h = self.model(input_ids, positions, cache)
+        h = self.model(input_ids, positions, cache, cache_rows)
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]  # (B, 1, D)
         if self.config.tie_word_embeddings:

@@ -146,3 +146,19 @@ def test_cache_position_outside_raises(tiny_llama_dir):
     cache = model.make_cache(1, 8)
     with pytest.raises(ValueError, match=r"position 8 is outside the KV cache \(max_len 8\)"):
         model(torch.tensor([[1]]), torch.tensor([[8]]), cache)
+
+
+def test_cache_rows_run_a_subset_of_sequences(tiny_llama_dir):
+    """Continuous batching: sequences live in cache rows 0..3; a step may run any subset, in any order."""
+    path, ref = tiny_llama_dir
+    model, _ = load_model(path, dtype=torch.float32)
+    a, b = _ids(ref.config.vocab_size, (1, 10), seed=5)[0], _ids(ref.config.vocab_size, (1, 6), seed=6)[0]
+    with torch.no_grad():
+        cache = model.make_cache(4, 64)
+        model(a[None], torch.arange(10)[None], cache, cache_rows=torch.tensor([2]))
+        model(b[None], torch.arange(6)[None], cache, cache_rows=torch.tensor([0]))
+        step = model(torch.tensor([[7], [8]]), torch.tensor([[6], [10]]), cache, cache_rows=torch.tensor([0, 2]))
+        torch.testing.assert_close(step[0, 0], ref(torch.cat([b, torch.tensor([7])])[None]).logits[0, -1],
+                                   atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(step[1, 0], ref(torch.cat([a, torch.tensor([8])])[None]).logits[0, -1],
+                                   atol=ATOL, rtol=RTOL)
