@@ -132,9 +132,16 @@ class SafetensorsCheckpoint:
         return self._where[name].get(name, dtype)
 
     def load_tokenizer(self):
+        """tokenizer.json (HF), else a Llama 3 tiktoken `tokenizer.model` (also under `original/`, as in
+        Meta's Hub repos)."""
         from ..tokenizer import Tokenizer
 
-        return Tokenizer.from_hf_dir(self.path)
+        if (self.path / "tokenizer.json").is_file():
+            return Tokenizer.from_hf_dir(self.path)
+        for candidate in (self.path / "tokenizer.model", self.path / "original" / "tokenizer.model"):
+            if candidate.is_file():
+                return Tokenizer.from_tiktoken(candidate)
+        raise FileNotFoundError(f"{self.path} has no tokenizer.json or tokenizer.model")
 
     def generation_config(self) -> dict[str, Any]:
         p = self.path / "generation_config.json"

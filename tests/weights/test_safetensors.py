@@ -136,3 +136,20 @@ def test_peak_rss_holds_one_copy(big_checkpoint, dtype, bound):
                          check=True)
     growth = int(out.stdout.strip().splitlines()[-1])
     assert growth < bound * size, f"peak RSS grew {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
+
+
+def test_tiktoken_tokenizer_model_fallback(tmp_path):
+    import shutil
+
+    from conftest import llama3_tokenizer_path
+
+    from pocketllama.llm import load
+
+    save_tiny_llama(tmp_path, vocab_size=128256, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                    num_key_value_heads=1, num_hidden_layers=1)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json or tokenizer.model"):
+        load(tmp_path)
+    (tmp_path / "original").mkdir()
+    shutil.copy(llama3_tokenizer_path(), tmp_path / "original" / "tokenizer.model")
+    llm = load(tmp_path)
+    assert llm.tokenizer.encode("This is a test sentence.") == [2028, 374, 264, 1296, 11914, 13]

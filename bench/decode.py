@@ -1,0 +1,150 @@
+"""Decode tokens/s and time to first token: pocketllama vs transformers vs llama-cpp-python, side by side.
+
+64 greedy tokens after a 128-token prompt (no early stop), 2 threads, each engine in a fresh process.
+Models: SmolLM2-135M GGUF (Q4_1; the default model), Llama-3.2-1B-shaped random checkpoint (bf16, fp32).
+
+    python bench/decode.py [--models smollm2,1b-bf16,1b-fp32] [--threads 2] [--no-peers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RSS_HELPERS, has_module, random_checkpoint, run_json, save, table  # noqa: E402
+
+PROMPT_TOKENS, NEW_TOKENS = 128, 64
+
+POCKETLLAMA = RSS_HELPERS + '''
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+import pocketllama
+from pocketllama.engine.generate import generate
+from pocketllama.engine.sampling import SamplingParams
+llm = pocketllama.load(sys.argv[1], dtype=None if sys.argv[2] == "auto" else sys.argv[2])
+text = "The history of the city begins with a small settlement on the river. " * 40
+ids = llm.tokenizer.encode(text)[:PROMPT]
+params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+with torch.inference_mode():
+    generate(llm.model, llm.tokenizer, ids[:16], params.replace(max_tokens=8))  # warm-up
+    r = generate(llm.model, llm.tokenizer, ids, params)
+print(json.dumps({"ttft_s": r.prompt_time, "decode_tps": r.generation_tps, "prefill_tps": r.prompt_tps,
+                  "tokens": r.generation_tokens, "rss_mb": rss_mb()}))
+'''
+
+TRANSFORMERS = RSS_HELPERS + '''
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+from transformers import AutoModelForCausalLM
+path, dtype = sys.argv[1], {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[sys.argv[2]]
+if path.endswith(".gguf"):
+    import os
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+else:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+model.eval()
+ids = torch.randint(100, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+def run(n):
+    t = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                   pad_token_id=0)
+    return time.perf_counter() - t
+with torch.inference_mode():
+    run(2)  # warm-up
+    t1 = run(1)
+    tn = run(NEW)
+print(json.dumps({"ttft_s": t1, "decode_tps": (NEW - 1) / (tn - t1), "prefill_tps": PROMPT / t1,
+                  "tokens": NEW, "rss_mb": rss_mb()}))
+'''
+
+LLAMA_CPP = RSS_HELPERS + '''
+import numpy as np
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads=int(sys.argv[3]), n_batch=512, verbose=False)
+ids = list(np.random.default_rng(0).integers(100, 1000, PROMPT))
+eos = [llm.token_eos()]
+def no_eos(_, logits):
+    logits[eos] = -np.inf
+    return logits
+def run(n):
+    llm.reset()
+    t = time.perf_counter()
+    first = None
+    count = 0
+    for _ in llm.generate(ids, temp=0.0, logits_processor=[no_eos]):
+        count += 1
+        if first is None:
+            first = time.perf_counter() - t
+        if count == n:
+            break
+    return first, time.perf_counter() - t
+run(4)  # warm-up
+first, total = run(NEW)
+print(json.dumps({"ttft_s": first, "decode_tps": (NEW - 1) / (total - first), "prefill_tps": PROMPT / first,
+                  "tokens": NEW, "rss_mb": rss_mb()}))
+'''
+
+
+def smollm2() -> Path:
+    from pocketllama.sources import resolve
+
+    return resolve("smollm2-135m")
+
+
+def f16_gguf(src: Path) -> Path | None:
+    """llama.cpp needs a GGUF: export the random checkpoint with our own exporter, if present."""
+    out = src / "model-f16.gguf"
+    if out.is_file():
+        return out
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "pocketllama", "export-gguf", str(src), "-o", str(out),
+                        "--type", "f16"], capture_output=True, text=True)
+    return out if r.returncode == 0 and out.is_file() else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2,1b-bf16,1b-fp32")
+    ap.add_argument("--threads", default="2")
+    ap.add_argument("--no-peers", action="store_true")
+    args = ap.parse_args()
+    os.environ["BENCH_THREADS"] = args.threads
+    consts = f"PROMPT, NEW = {PROMPT_TOKENS}, {NEW_TOKENS}\n"
+    rows = []
+    for name in args.models.split(","):
+        if name == "smollm2":
+            path, dtype, gguf = smollm2(), "auto", smollm2()
+        else:
+            path, dtype = random_checkpoint(), {"1b-bf16": "bfloat16", "1b-fp32": "float32"}[name]
+            gguf = None if args.no_peers or not has_module("llama_cpp") or dtype != "bfloat16" else f16_gguf(path)
+        engines = [("pocketllama", POCKETLLAMA)]
+        if not args.no_peers:
+            engines.append(("transformers", TRANSFORMERS))
+            if gguf is not None:
+                engines.append(("llama.cpp" + (" F16" if name != "smollm2" else " Q4_1"), LLAMA_CPP))
+        results = {}
+        for engine, code in engines:
+            target = gguf if engine.startswith("llama.cpp") else path
+            print(f"[{name}] {engine} ...", file=sys.stderr, flush=True)
+            results[engine] = run_json(consts + code, str(target), dtype, args.threads)
+        base = results["pocketllama"]
+        for engine, r in results.items():
+            row = {"model": name, "engine": engine, **r}
+            if "decode_tps" in r and "decode_tps" in base:
+                row["ours/this decode"] = base["decode_tps"] / r["decode_tps"]
+                row["ours/this prefill"] = base["prefill_tps"] / r["prefill_tps"]
+            rows.append(row)
+        if not has_module("llama_cpp") and not args.no_peers:
+            print(f"[{name}] llama-cpp-python is not installed: its column is skipped", file=sys.stderr)
+    cols = ["model", "engine", "decode_tps", "ttft_s", "prefill_tps", "rss_mb", "ours/this decode",
+            "ours/this prefill", "error"]
+    print(table(rows, cols))
+    print(f"\nwritten {save('decode', rows)}")
+
+
+if __name__ == "__main__":
+    main()
