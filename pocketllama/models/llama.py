@@ -35,6 +35,18 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that can also project hidden states back onto the vocabulary (a tied output layer).
+    Replacement tables (quant/) implement the same `attend`, so the model never looks inside the table."""
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> logits (..., vocab) = h @ weight.T."""
+        w = self.weight
+        if h.numel() == h.shape[-1] and w.dtype == h.dtype:  # one row: the GEMV kernel (see Linear)
+            return torch.mv(w, h.reshape(-1)).view(*h.shape[:-1], -1)
+        return F.linear(h, w)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -154,7 +166,7 @@ class _StepContext:
 class LlamaModel(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -204,8 +216,5 @@ class LlamaForCausalLM(nn.Module):
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]  # (B, 1, D)
         if self.config.tie_word_embeddings:
-            w = self.model.embed_tokens.weight
-            if h.numel() == h.shape[-1] and w.dtype == h.dtype:
-                return torch.mv(w, h.reshape(-1)).view(*h.shape[:-1], -1)
-            return F.linear(h, w)
+            return self.model.embed_tokens.attend(h)
         return self.lm_head(h)
