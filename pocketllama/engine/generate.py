@@ -7,7 +7,6 @@ from __future__ import annotations
 import resource
 import sys
 import time
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -90,6 +89,15 @@ def generation_budget(prompt_len: int, max_tokens: int | None, context: int, cac
     return room if max_tokens is None else min(max_tokens, room)
 
 
+def cache_length(tokens: int, context: int, compile: bool = False) -> int:
+    """KV cache slots for a request of `tokens`: a multiple of CACHE_ROUND, or with compile a power of two
+    (>= CACHE_ROUND) so that at most ~10 cache shapes, each one compiled graph, cover any request; capped
+    at the context."""
+    if compile:
+        return min(max(CACHE_ROUND, 1 << (tokens - 1).bit_length()), context)
+    return min(round_up(tokens, CACHE_ROUND), context)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Decode step
 
@@ -97,11 +105,10 @@ def generation_budget(prompt_len: int, max_tokens: int | None, context: int, cac
 class DecodeStep:
     """One fixed-shape decode step: token [B, 1] at positions [B, 1] -> float32 logits [B, V].
 
-    With compile=True the step (not the loop) goes through torch.compile once per model; get it from
-    `DecodeStep.for_model(model, compile=True)` so the compiled graph is reused across requests.
+    With compile=True the step (not the loop) goes through torch.compile; `DecodeStep.for_model(model,
+    compile=True)` keeps that compiled step on the model (attribute `_pocketllama_compiled_step`, so it
+    lives and dies with the model) and reuses its graphs across requests.
     """
-
-    _compiled: weakref.WeakKeyDictionary[nn.Module, DecodeStep] = weakref.WeakKeyDictionary()
 
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
         self.model = model
@@ -112,9 +119,10 @@ class DecodeStep:
     def for_model(cls, model: nn.Module, compile: bool = False) -> DecodeStep:
         if not compile:
             return cls(model)
-        step = cls._compiled.get(model)
+        step = getattr(model, "_pocketllama_compiled_step", None)
         if step is None:
-            step = cls._compiled[model] = cls(model, compile=True)
+            step = cls(model, compile=True)
+            object.__setattr__(model, "_pocketllama_compiled_step", step)  # plain attribute, not a submodule
         return step
 
     def _forward(self, token: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -157,9 +165,10 @@ def generate_step(
     """Prefill the prompt, then decode one token per step; yields (token id, raw logprobs [V]).
 
     The prompt is prefilled in chunks of `prefill_step_size` into a static KV cache sized to prompt +
-    max_tokens (rounded up to CACHE_ROUND, capped at the context). Each decode step has fixed shapes
-    (input [1, 1], positions [1, 1]); the only host sync is `.item()` on the token that leaves. Stops
-    after max_tokens (None: when the context is full); stop rules live in `stream_generate`.
+    max_tokens (see `cache_length`). Each decode step has fixed shapes (input [1, 1], positions [1, 1]);
+    the only host sync is `.item()` on the token that leaves. compile=True runs the step through
+    torch.compile (compiled once per model and cache length; the first call pays the compile time).
+    Stops after max_tokens (None: when the context is full); stop rules live in `stream_generate`.
 
     Prompt caching: pass `cache` (batch 1) already holding the K/V of the first `cached_tokens` ids of
     `prompt_ids` (the full prompt); only the rest is prefilled. Arguments are checked on call, not on the
@@ -180,7 +189,7 @@ def generate_step(
                          "prompt plus one generated token; allocate a longer one with model.make_cache")
     budget = generation_budget(len(prompt), max_tokens, context, cache)
     if cache is None:
-        cache = model.make_cache(1, min(round_up(len(prompt) + budget, CACHE_ROUND), context))
+        cache = model.make_cache(1, cache_length(len(prompt) + budget, context, compile))
     step = DecodeStep.for_model(model, compile)
     return _steps(model, step, prompt, sampler or greedy, list(logits_processors), budget, cache,
                   min(cached_tokens, len(prompt) - 1), prefill_step_size)

@@ -14,6 +14,7 @@ from torch import nn
 from pocketllama.engine.generate import (
     CACHE_ROUND,
     GenerationResponse,
+    cache_length,
     generate,
     generate_step,
     stream_generate,
@@ -180,6 +181,13 @@ def test_cache_is_sized_to_prompt_plus_max_tokens_rounded_and_capped():
     small = MockLM(context=100)
     list(generate_step(small, PROMPT, max_tokens=5))
     assert small.caches[0].max_len == 100
+
+
+def test_cache_length_rounds_to_few_shapes():
+    assert [cache_length(n, 4096) for n in (1, 256, 257, 4000)] == [256, 256, 512, 4096]
+    assert [cache_length(n, 4096, compile=True) for n in (1, 257, 700, 1025, 4000)] == [256, 512, 1024,
+                                                                                          2048, 4096]
+    assert cache_length(300, 260, compile=True) == 260
 
 
 def test_processors_see_the_generated_ids():
@@ -367,3 +375,27 @@ def test_greedy_matches_transformers_generate(tiny_llama_dir):
                                  min_new_tokens=32, pad_token_id=0)[0, len(prompt):].tolist()
     got = [t for t, _ in generate_step(model, prompt, max_tokens=32, prefill_step_size=4)]
     assert got == expected
+
+
+
+def test_real_model_reuses_a_cached_prefix(tiny_llama_dir):
+    from pocketllama.llm import load_model
+
+    model, _ = load_model(tiny_llama_dir[0])
+    prompt = [1, 17, 99, 203, 5, 64, 8, 41, 300]
+    fresh = [t for t, _ in generate_step(model, prompt, max_tokens=8)]
+    cache = model.make_cache(1, 256)
+    list(generate_step(model, prompt[:5], max_tokens=6, cache=cache))  # leaves stale K/V in slots 5..9
+    reused = [t for t, _ in generate_step(model, prompt, max_tokens=8, cache=cache, cached_tokens=5)]
+    assert reused == fresh
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager(tiny_llama_dir):
+    from pocketllama.llm import load_model
+
+    model, _ = load_model(tiny_llama_dir[0])
+    prompt = [1, 17, 99, 203]
+    eager = [t for t, _ in generate_step(model, prompt, max_tokens=4)]
+    compiled = [t for t, _ in generate_step(model, prompt, max_tokens=4, compile=True)]
+    assert compiled == eager
