@@ -146,10 +146,14 @@ class _StepContext:
                 raise ValueError(f"batch of {B} rows does not match the KV cache's {cache.batch_size} rows")
             if cache_rows is not None and cache_rows.shape != (B,):
                 raise ValueError(f"cache_rows must have shape ({B},), got {tuple(cache_rows.shape)}")
-            top = int(positions.max()) + 1
-            if top > cache.max_len or int(positions.min()) < 0:
-                raise ValueError(f"position {top - 1} is outside the KV cache (max_len {cache.max_len})")
-            self.kv_len = min(round_up(top, KV_WINDOW), cache.max_len)
+            if torch.compiler.is_compiling():
+                # Compiled decode step: no host sync, one shape. Attend over the whole (request-sized) cache.
+                self.kv_len = cache.max_len
+            else:
+                top = int(positions.max()) + 1
+                if top > cache.max_len or int(positions.min()) < 0:
+                    raise ValueError(f"position {top - 1} is outside the KV cache (max_len {cache.max_len})")
+                self.kv_len = min(round_up(top, KV_WINDOW), cache.max_len)
             if cache_rows is None:
                 self.rows = torch.arange(B, device=positions.device)[:, None]  # (B, 1)
             else:
