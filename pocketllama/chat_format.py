@@ -130,7 +130,10 @@ class Llama3ChatFormat:
       result; API role `tool`) content is kept as given. Content may be a string or a list of text parts.
     - An assistant message with `"eom": True` ends with `<|eom_id|>` (the model expects a tool result,
       e.g. after `<|python_tag|>` code); every other message ends with `<|eot_id|>`.
-    Not yet: tools (SPEC 5.3; hook: `_system_text` / `_message_segments`) and images (SPEC 5.4): both raise.
+    - Tools (SPEC 5.3, `pocketllama.tools`): `tools=[...]` plus template arguments `tool_style` ("pythonic":
+      Meta's Llama 3.2 format, the default; "json": HF's 3.1 / 3.2-Vision format) and `tools_in_user_message`.
+      Assistant `tool_calls` are rendered in that style and tool results as JSON.
+    Not yet: images (SPEC 5.4): they raise.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -193,39 +196,53 @@ class Llama3ChatFormat:
         tools: list[dict] | None,
         template_kwargs: dict[str, Any],
     ) -> list[tuple[str, bool]]:
-        if tools:
+        from .tools import ToolPrompt
+
+        unknown = sorted(set(template_kwargs) - {"tool_style", "tools_in_user_message"})
+        if unknown:
             raise ValueError(
-                "tools are not supported yet by the Llama 3 chat format (SPEC 5.3 is a later issue)"
-            )
-        if template_kwargs:
-            raise ValueError(
-                f"the Llama 3 chat format takes no template arguments; got {sorted(template_kwargs)}"
+                f"the Llama 3 chat format takes no template arguments; got {unknown} "
+                "(only tool_style and tools_in_user_message)"
             )
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages must be a list of dicts like {'role': 'user', 'content': '...'}")
+        prompt = ToolPrompt.build(tools, **template_kwargs)
+        # A tool-calling conversation renders tool results as JSON (HF template, Meta's E2E example).
+        uses_tools = bool(prompt.tools) or any(m.get("tool_calls") for m in messages)
         has_system = bool(messages) and messages[0].get("role") == "system"
         system = content_text(messages[0].get("content"), where="message 0").strip() if has_system else ""
         out: list[tuple[str, bool]] = [("<|begin_of_text|>", True), *self._header("system")]
-        out += [(self._system_text(system, date_string), False), ("<|eot_id|>", True)]
-        for index, message in enumerate(messages[1:] if has_system else messages, start=int(has_system)):
-            out += self._message_segments(message, index)
+        out += [(self._system_text(system, date_string, prompt), False), ("<|eot_id|>", True)]
+        rest = list(enumerate(messages))[int(has_system):]
+        if prompt.wraps_first_user_message:
+            if not rest or rest[0][1].get("role") != "user":
+                raise ValueError(
+                    "tools_in_user_message=True puts the tools in the first user message, but the conversation "
+                    "has none after the system message; pass tools_in_user_message=False"
+                )
+            index, first = rest.pop(0)
+            question = content_text(first.get("content"), where=f"message {index}").strip()
+            out += [*self._header("user"), (prompt.user_text(question), False), ("<|eot_id|>", True)]
+        for index, message in rest:
+            out += self._message_segments(message, index, prompt if uses_tools else None)
         if add_generation_prompt:
             out += self._header("assistant")
         return [(t, s) for t, s in out if s or t]
 
-    def _system_text(self, system: str, date_string: str | None) -> str:
-        # SPEC 5.2; tools would add "Environment: ipython\n" before and instructions after the date.
+    def _system_text(self, system: str, date_string: str | None, tools: Any = None) -> str:
+        # SPEC 5.2; tools (a tools.ToolPrompt) add "Environment: ipython\n" and their instructions (SPEC 5.3).
         date = date_string if date_string is not None else today_string()
-        return f"Cutting Knowledge Date: {KNOWLEDGE_CUTOFF}\nToday Date: {date}\n\n{system}"
+        text = f"Cutting Knowledge Date: {KNOWLEDGE_CUTOFF}\nToday Date: {date}\n\n{system}"
+        return tools.system_text(system, date, text) if tools is not None else text
 
     def _header(self, role: str) -> list[tuple[str, bool]]:
         return [("<|start_header_id|>", True), (role, False), ("<|end_header_id|>", True), ("\n\n", False)]
 
-    def _message_segments(self, message: Message, index: int) -> list[tuple[str, bool]]:
+    def _message_segments(self, message: Message, index: int, tools: Any = None) -> list[tuple[str, bool]]:
+        """One block. `tools` (a tools.ToolPrompt, set in tool-calling conversations) renders assistant
+        `tool_calls` in its style and tool results as JSON."""
         where = f"message {index}"
         role = _role(message.get("role"), where)
-        if message.get("tool_calls"):
-            raise ValueError(f"{where}: tool calls are not supported yet by the Llama 3 chat format")
         text = content_text(message.get("content"), where=where)
         if role != "ipython":
             text = text.strip()
@@ -234,6 +251,18 @@ class Llama3ChatFormat:
             raise ValueError(
                 f"{where}: 'eom' applies to assistant messages only (it ends a tool-calling turn)"
             )
+        if message.get("tool_calls"):
+            from .tools import render_tool_calls
+
+            if role != "assistant":
+                raise ValueError(f"{where}: only assistant messages carry tool_calls, not {role!r}")
+            call, tag, end = render_tool_calls(message["tool_calls"], tools.style if tools else "pythonic", where)
+            body = [(text, False), ("<|python_tag|>", True)] if tag else [(text, False)]
+            return [*self._header(role), *body, (call, False), (end, True)]
+        if role == "ipython" and tools is not None:
+            from .tools import render_tool_result
+
+            text = render_tool_result(text)
         return [*self._header(role), (text, False), ("<|eom_id|>" if eom else "<|eot_id|>", True)]
 
 

@@ -10,6 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("pocketllama.commands.chat", "chat with a model: interactive REPL, or one answer to a question"),
     "generate": ("pocketllama.commands.generate", "complete a prompt (no chat format)"),
     "models": ("pocketllama.commands.models", "list model aliases and the models in the local HF cache"),
+    "guard": ("pocketllama.commands.guard", "moderate a prompt or answer with Llama Guard 3 (one, or a JSONL batch)"),
 }
 
 

@@ -63,21 +63,32 @@ class LLM:
         '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: ...'
         """
         fmt = self.chat_format
+        if tools and "tool_style" not in kwargs and type(fmt).__name__ == "Llama3ChatFormat":
+            from .tools import default_tool_style
+
+            kwargs["tool_style"] = default_tool_style(self.config)  # 3.2 1B/3B: pythonic; 3.1, vision: JSON
         fn = fmt.encode if tokenize else fmt.render
         return fn(messages, add_generation_prompt=add_generation_prompt, date_string=date_string, tools=tools,
                   **kwargs)
 
     def stream(self, prompt: str | list[int], *, truncate: str = "error", compile: bool = False,
-               **sampling: Any) -> Iterator[Any]:
+               logits_processors: list[Any] | None = None, **sampling: Any) -> Iterator[Any]:
         """Yield `GenerationResponse`s (text delta, token, logprob, finish_reason, usage, tokens/s).
 
         A str prompt is a plain completion (encoded with the model's BOS convention); a list is prompt ids.
+        `logits_processors` run after the ones the sampling parameters ask for (penalties, logit bias).
         >>> for r in llm.stream("Once upon a time", max_tokens=20): print(r.text, end="")  # doctest: +SKIP
         """
         from .engine.generate import stream_generate
+        from .engine.sampling import make_logits_processors
 
-        yield from stream_generate(self.model, self.tokenizer, prompt, self.sampling_params(**sampling),
-                                   truncate=truncate, compile=compile)
+        params = self.sampling_params(**sampling)
+        processors = None
+        if logits_processors:
+            ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos) if isinstance(prompt, str) else prompt
+            processors = make_logits_processors(params, ids) + list(logits_processors)
+        yield from stream_generate(self.model, self.tokenizer, prompt, params, truncate=truncate, compile=compile,
+                                   logits_processors=processors)
 
     def generate(self, prompt: str | list[int], *, truncate: str = "error", compile: bool = False,
                  **sampling: Any):
@@ -91,21 +102,50 @@ class LLM:
                         truncate=truncate, compile=compile)
 
     def stream_chat(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None,
-                    date_string: str | None = None, **kwargs: Any) -> Iterator[Any]:
-        """`stream` over the chat-formatted prompt of `messages`."""
-        ids = self.apply_chat_template(messages, tools, date_string=date_string)
+                    tool_choice: Any = None, date_string: str | None = None, **kwargs: Any) -> Iterator[Any]:
+        """`stream` over the chat-formatted prompt of `messages` (raw text deltas; see `chat` for tool calls).
+
+        tool_choice "required" or {"type": "function", "function": {"name": ...}} forces the output to open
+        a call (`tool_choice.ForcedPrefix`); "none" leaves the tools out of the prompt.
+        """
+        from .tool_choice import ForcedPrefix, prepare
+
+        template = {k: kwargs.pop(k) for k in ("tool_style", "tools_in_user_message") if k in kwargs}
+        style = template.get("tool_style") or self._tool_style()
+        parsed, choice = prepare(tools, tool_choice, style)
+        ids = self.apply_chat_template(messages, tools if choice.mode != "none" else None, date_string=date_string,
+                                       **template)
+        if choice.forced:
+            forced = ForcedPrefix.for_tools(self.tokenizer, parsed, choice, style)
+            kwargs["logits_processors"] = [*(kwargs.get("logits_processors") or []), forced]
         yield from self.stream(ids, **kwargs)
 
-    def chat(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None,
+    def chat(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None, tool_choice: Any = None,
              date_string: str | None = None, **kwargs: Any) -> dict[str, Any]:
-        """Answer a conversation; returns the assistant message `{"role": "assistant", "content": ...}`.
+        """Answer a conversation; returns the assistant message `{"role": "assistant", "content": ...}`, or
+        `{"role": "assistant", "content": None, "tool_calls": [...]}` (OpenAI shape) when the model called a
+        tool. tool_choice: "auto" (default with tools), "none", "required", or a named function; a required
+        call that the model does not produce validly raises `tools.ToolCallError`.
 
         >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}])  # doctest: +SKIP
         {'role': 'assistant', 'content': 'The capital of France is Paris.'}
         """
-        text = "".join(r.text for r in self.stream_chat(messages, tools=tools, date_string=date_string,
-                                                          **kwargs))
-        return {"role": "assistant", "content": text}
+        from .tool_choice import assistant_message, prepare
+
+        style = kwargs.get("tool_style") or self._tool_style()
+        parsed, choice = prepare(tools, tool_choice, style)
+        texts, last = [], None
+        for last in self.stream_chat(messages, tools=tools, tool_choice=tool_choice, date_string=date_string,
+                                     **kwargs):
+            texts.append(last.text)
+        eom = last is not None and last.token == self.tokenizer.token_to_id("<|eom_id|>")
+        return assistant_message("".join(texts), parsed, choice, eom=eom,
+                                 finish_reason=last.finish_reason if last else None)
+
+    def _tool_style(self) -> str:
+        from .tools import default_tool_style
+
+        return default_tool_style(self.config)
 
 
 def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,

@@ -169,13 +169,13 @@ def test_completion_format():
 @pytest.mark.parametrize(
     "kwargs, messages, error",
     [
-        ({"tools": [{"type": "function"}]}, [USER], "tools are not supported yet by the Llama 3 chat format"),
+        ({"tools": [{"type": "function"}]}, [USER], r"tools\[0\] must be \{'type': 'function', 'function'"),
         ({}, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
          "message 0: image content requires a vision model"),
         ({}, [{"role": "bot", "content": "x"}], "message 0: role 'bot' is not one of system, user, assistant, ipython"),
         ({}, [SYSTEM, {"role": "user", "content": 5}], "message 1 content must be a string or a list of parts, got int"),
         ({}, [{"role": "user", "content": [{"type": "audio"}]}], "content part {'type': 'audio'} is not supported"),
-        ({}, [{"role": "assistant", "content": "", "tool_calls": [{}]}], "tool calls are not supported yet"),
+        ({}, [{"role": "assistant", "content": "", "tool_calls": [{}]}], "message 0 tool_calls\\[0\\]: a tool call must be"),
         ({}, [{"role": "user", "content": "x", "eom": True}], "'eom' applies to assistant messages only"),
         ({"foo": 1}, [USER], r"takes no template arguments; got \['foo'\]"),
         ({}, "hello", "messages must be a list of dicts"),
