@@ -226,3 +226,146 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     if ffn_dim_multiplier is not None:
         h = int(ffn_dim_multiplier * h)
     return multiple_of * ((h + multiple_of - 1) // multiple_of)
+
+
+# ---- Llama 3.2 Vision (Mllama) -------------------------------------------------------------------------
+
+DEFAULT_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The Mllama vision encoder (SPEC 2.1). Field names follow HF `MllamaVisionConfig`."""
+
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_hidden_layers: int = 32
+    num_global_layers: int = 8
+    attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 560
+    patch_size: int = 14
+    norm_eps: float = 1e-5
+    max_num_tiles: int = 4
+    intermediate_layers_indices: tuple[int, ...] = (3, 7, 15, 23, 30)
+    supported_aspect_ratios: tuple[tuple[int, int], ...] = DEFAULT_ASPECT_RATIOS
+    vision_output_dim: int = 7680
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "attention_heads", "num_channels",
+                     "image_size", "patch_size", "max_num_tiles", "vision_output_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"vision_config field {name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.attention_heads:
+            raise ValueError(f"vision_config hidden_size ({self.hidden_size}) must be divisible by attention_heads "
+                             f"({self.attention_heads})")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision_config image_size ({self.image_size}) must be a multiple of patch_size "
+                             f"({self.patch_size})")
+        bad = [i for i in self.intermediate_layers_indices if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"vision_config intermediate_layers_indices {bad} are outside the "
+                             f"{self.num_hidden_layers} local layers")
+        expected = self.hidden_size * (1 + len(self.intermediate_layers_indices))
+        if self.vision_output_dim != expected:
+            raise ValueError(f"vision_config vision_output_dim must be hidden_size x (1 + number of intermediate "
+                             f"layers) = {expected}, got {self.vision_output_dim}")
+        if any(h * w > self.max_num_tiles for h, w in self.supported_aspect_ratios):
+            raise ValueError(f"vision_config supported_aspect_ratios {self.supported_aspect_ratios} exceed "
+                             f"max_num_tiles {self.max_num_tiles}")
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per tile: the patch grid plus the class token (1601 for 560 tiles)."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def padded_patches(self) -> int:
+        """Tokens per tile padded to a multiple of 8 (1608 for 560 tiles)."""
+        return -(-self.num_patches // 8) * 8
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.attention_heads
+
+    @property
+    def max_aspect_ratio_id(self) -> int:
+        return len(self.supported_aspect_ratios)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> VisionConfig:
+        act = d.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise ValueError(f"vision_config hidden_act {act!r} is not supported; Mllama uses 'gelu'")
+        defaults = cls()
+        kw: dict[str, Any] = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        if "attention_heads" not in kw and "num_attention_heads" in d:
+            kw["attention_heads"] = d["num_attention_heads"]
+        kw["intermediate_layers_indices"] = tuple(kw.get("intermediate_layers_indices",
+                                                         defaults.intermediate_layers_indices))
+        kw["supported_aspect_ratios"] = tuple(tuple(r) for r in kw.get("supported_aspect_ratios",
+                                                                      defaults.supported_aspect_ratios))
+        kw["norm_eps"] = float(kw.get("norm_eps", defaults.norm_eps))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class MllamaConfig:
+    """Llama 3.2 Vision: a Llama text trunk whose layers at `cross_attention_layers` are gated cross-attention
+    blocks over the vision encoder's features (SPEC 2). `text.vocab_size` is the lm_head size; the embedding
+    has 8 more rows (`<|image|>` = `image_token_index` is the first of them)."""
+
+    text: TextConfig
+    vision: VisionConfig
+    cross_attention_layers: tuple[int, ...]
+    image_token_index: int = 128256
+    model_type: str = "mllama"
+
+    def __post_init__(self) -> None:
+        n = self.text.num_hidden_layers
+        bad = [i for i in self.cross_attention_layers if not 0 <= i < n]
+        if bad or len(set(self.cross_attention_layers)) != len(self.cross_attention_layers):
+            raise ValueError(f"config field cross_attention_layers {list(self.cross_attention_layers)} must be "
+                             f"distinct layer indices below text num_hidden_layers ({n})")
+        if self.text.tie_word_embeddings:
+            raise ValueError("Mllama text models have an untied lm_head; tie_word_embeddings must be false")
+        if self.text.head_dim * self.text.num_attention_heads != self.text.hidden_size:
+            raise ValueError(f"Mllama text head_dim must be hidden_size / num_attention_heads, got {self.text.head_dim}")
+        if not self.text.vocab_size <= self.image_token_index < self.text.vocab_size + 8:
+            raise ValueError(f"config field image_token_index {self.image_token_index} must be one of the 8 rows "
+                             f"after the vocabulary ({self.text.vocab_size}..{self.text.vocab_size + 7})")
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the text trunk's (max_position_embeddings, eos_token_ids, num_key_value_heads,
+        ...), so code written for a text model's config reads a vision model's the same way."""
+        if name.startswith("__") or name in ("text", "vision"):
+            raise AttributeError(name)
+        try:
+            return getattr(self.text, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}") from None
+
+    @property
+    def self_attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.text.num_hidden_layers) if i not in self.cross_attention_layers)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> MllamaConfig:
+        """From an HF `config.json` of `MllamaForConditionalGeneration` (text_config + vision_config)."""
+        if d.get("model_type", "mllama") != "mllama":
+            raise ValueError(f"config field model_type {d.get('model_type')!r} is not 'mllama'")
+        for key in ("text_config", "vision_config"):
+            if not isinstance(d.get(key), dict):
+                raise ValueError(f"config.json of a Mllama model needs a {key} object")
+        text_d = dict(d["text_config"])
+        text_d.setdefault("model_type", "mllama_text_model")
+        text_d.setdefault("torch_dtype", d.get("torch_dtype", d.get("dtype")))
+        text_d.setdefault("pocketllama_quantization", d.get("pocketllama_quantization"))
+        text = TextConfig.from_hf({k: v for k, v in text_d.items() if k != "head_dim"})
+        layers = text_d.get("cross_attention_layers")
+        if layers is None:
+            raise ValueError("config.json text_config is missing cross_attention_layers")
+        return cls(text=text, vision=VisionConfig.from_hf(d["vision_config"]),
+                   cross_attention_layers=tuple(int(i) for i in layers),
+                   image_token_index=int(d.get("image_token_index", d.get("image_token_id", 128256))))

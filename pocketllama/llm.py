@@ -34,7 +34,7 @@ class LLM:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.model.norm.weight.dtype
+        return getattr(self.model, "dtype", None) or self.model.model.norm.weight.dtype
 
     @property
     def chat_format(self):
@@ -170,17 +170,20 @@ def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dty
 def load_model(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", progress: bool | None = None) -> tuple[nn.Module, Any]:
     """Only the model (no tokenizer): (model in eval mode, the opened Checkpoint)."""
-    from .models import model_class
+    from .models import config_from_hf, model_class
     from .sources import resolve
     from .weights import open_checkpoint
     from .weights.base import assign_weights, build_on_meta
 
     checkpoint = open_checkpoint(resolve(source))
-    config = getattr(checkpoint, "config", None) or TextConfig.from_hf(checkpoint.hf_config())
+    config = getattr(checkpoint, "config", None) or config_from_hf(checkpoint.hf_config())
     target = parse_dtype(dtype) or checkpoint.native_dtype
     if target not in (torch.float32, torch.bfloat16, torch.float16):
         target = torch.float32
-    model = build_on_meta(model_class(config.model_type), config)
+    cls = model_class(config.model_type)
+    if hasattr(cls, "adapt_checkpoint"):  # the model's other on-disk layouts (e.g. Mllama's newer names)
+        checkpoint = cls.adapt_checkpoint(checkpoint)
+    model = build_on_meta(cls, config)
     ignore = {"lm_head.weight"} if config.tie_word_embeddings else set()
     size = sum(_numel(checkpoint.tensor_shape(n)) for n in checkpoint.tensor_names())
     show = progress if progress is not None else size > 300_000_000
