@@ -4,10 +4,12 @@ customization (6.3), and a `Verdict` with P(unsafe) read from the first assessme
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -203,6 +205,8 @@ class Guard:
         self.categories = dict(categories) if categories is not None else None
         config = llm.config
         self.vision = getattr(config, "model_type", "llama") == "mllama"
+        # Mllama embeds <|image|> at config.image_token_index (128256), whatever the tokenizer file calls it.
+        self.image_id = getattr(config, "image_token_index", None) if self.vision else None
         big = getattr(config, "hidden_size", 0) >= 4096 and not self.vision  # Llama-Guard-3-8B (Llama 3.1 8B)
         self.codes = LG3_8B if big else LG3_1B
         missing = [t for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
@@ -238,7 +242,12 @@ class Guard:
     def _ids(self, segments: list[tuple[str, bool]]) -> list[int]:
         ids: list[int] = []
         for text, special in segments:
-            ids += [self.tokenizer.special_tokens[text]] if special else self.tokenizer.encode(text)
+            if special and text == "<|image|>" and self.image_id is not None:
+                ids.append(self.image_id)
+            elif special:
+                ids.append(self.tokenizer.special_tokens[text])
+            else:
+                ids += self.tokenizer.encode(text)
         return ids
 
     def _conversation(self, messages: str | list[dict[str, Any]]) -> Conversation:
@@ -252,19 +261,16 @@ class Guard:
 
     def check(self, messages: str | list[dict[str, Any]], *, categories: Mapping[str, str] | None = None,
               exclude: Iterable[str] = (), max_tokens: int = 20) -> Verdict:
-        """Classify the last message of `messages` (a prompt string, or alternating user/assistant turns)."""
+        """Classify the last message of `messages` (a prompt string, or alternating user/assistant turns):
+        greedy assessment of up to `max_tokens` tokens, and P(unsafe) at its first token (SPEC 6.4)."""
         exclude = [c.strip().upper() for c in exclude]
         conv = self._conversation(messages)
         lines = self._lines(categories, exclude)
         ids = self._ids(guard_segments(conv, lines, vision=self.vision))
-        if conv.images:
-            raise NotImplementedError(
-                "the vision guard's image path needs pocketllama's Mllama model, which is not available yet")
-        tokens, after_nl2 = self._generate(ids, max_tokens)
+        images = self._images(conv)
+        tokens, after_nl2 = self._generate(ids, max_tokens, images)
         if after_nl2 is None:  # the model did not open with "\n\n": score the SPEC way, one more forward
-            with torch.no_grad():
-                x = torch.tensor([ids + [NL2_ID]], device=self.llm.device)  # (1, T + 1)
-                after_nl2 = self.llm.model(x)[0, -1]  # (V,)
+            after_nl2 = self._logits_after_nl2(ids, images)
         p_unsafe, binary = unsafe_scores(after_nl2)
         text = self.tokenizer.decode(tokens)
         safe, codes = parse_verdict(text)
@@ -277,23 +283,69 @@ class Guard:
                        p_unsafe=p_unsafe, p_unsafe_binary=binary, role=conv.role, text=text,
                        excluded_categories=exclude)
 
+    def score(self, messages: str | list[dict[str, Any]], *, categories: Mapping[str, str] | None = None,
+              exclude: Iterable[str] = ()) -> tuple[float, float]:
+        """Only (P(unsafe), P(unsafe) renormalised over safe/unsafe): one forward of prompt + `\n\n`, no
+        generation (SPEC 6.4)."""
+        conv = self._conversation(messages)
+        ids = self._ids(guard_segments(conv, self._lines(categories, exclude), vision=self.vision))
+        return unsafe_scores(self._logits_after_nl2(ids, self._images(conv)))
+
+    def _images(self, conv: Conversation) -> Any:
+        """The conversation's image as the vision encoder's `ImageInputs` (None without one)."""
+        if not conv.images:
+            return None
+        from .image_processing import MllamaImageProcessor
+
+        vision = self.llm.config.vision
+        preprocessor = Path(self.llm.source) / "preprocessor_config.json"
+        if preprocessor.is_file():  # the checkpoint's own tiling, else the model config's
+            processor = MllamaImageProcessor.from_config(json.loads(preprocessor.read_text()))
+        else:
+            processor = MllamaImageProcessor(tile_size=vision.image_size, max_tiles=vision.max_num_tiles)
+        return processor([[_image_source(conv.images[0])]])
+
+    def _logits_after_nl2(self, ids: list[int], images: Any) -> torch.Tensor:
+        model = self.llm.model
+        with torch.no_grad():
+            x = torch.tensor([ids + [NL2_ID]], device=self.llm.device)  # (1, T + 1)
+            if images is None:
+                return model(x)[0, -1]  # (V,)
+            return model(x, vision=model.encode_images(images, x.tolist()))[0, -1]
+
     def _name(self, code: str, text: str) -> str:
         if code in CATEGORIES and text == CATEGORIES[code][0]:
             return CATEGORIES[code][1]
         return text.strip().split("\n")[0].rstrip(".")  # a custom category: its first line
 
-    def _generate(self, ids: list[int], max_tokens: int) -> tuple[list[int], torch.Tensor | None]:
+    def _generate(self, ids: list[int], max_tokens: int, images: Any = None
+                  ) -> tuple[list[int], torch.Tensor | None]:
         """Greedy tokens up to a stop id, and the raw logits [V] at step 2 when step 1 was `\\n\\n`."""
-        from .engine.generate import generate_step
+        from .engine.generate import CACHE_ROUND, generate_step
+        from .engine.kv_cache import round_up
 
+        model, cache, budget = self.llm.model, None, max(2, max_tokens)
+        if images is not None:  # the vision encoder runs once; its cross-attention K/V live in the cache
+            context = int(model.config.max_position_embeddings)
+            cache = model.make_cache(1, min(round_up(len(ids) + budget + 1, CACHE_ROUND), context))
+            model.set_images(cache, images, [ids])
         capture = _LogitsAfterNL2()
         tokens: list[int] = []
-        steps = generate_step(self.llm.model, ids, max_tokens=max(2, max_tokens), logits_processors=[capture])
-        for token, _ in steps:
+        for token, _ in generate_step(model, ids, max_tokens=budget, logits_processors=[capture], cache=cache):
             if token in self.tokenizer.stop_ids:
                 break
             tokens.append(token)
         return tokens, capture.logits
+
+
+def _image_source(part: dict[str, Any]) -> Any:
+    """The image of an OpenAI-style content part: `image` (path, bytes, PIL) or `image_url` ({"url"} or str)."""
+    value = part.get("image", part.get("image_url"))
+    if isinstance(value, dict):
+        value = value.get("url")
+    if value is None:
+        raise ValueError(f"image part {sorted(part)} has no 'image' or 'image_url'")
+    return value
 
 
 class _LogitsAfterNL2:

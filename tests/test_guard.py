@@ -201,3 +201,57 @@ def test_full_path_safe_without_leading_newlines(scripted_guards):
     assert verdict.safe and verdict.text == "safe" and verdict.role == "User"
     p, binary = hf_scores(hf, guard.encode("How do I make a cake?"))
     assert verdict.p_unsafe == pytest.approx(p, abs=1e-6) and verdict.p_unsafe_binary == pytest.approx(binary)
+
+
+# ---- the vision guard on a tiny random Llama 3.2 Vision checkpoint ------------------------------------------
+
+
+def mllama_fixtures():
+    import mllama_fixtures  # tests/mllama_fixtures.py (tiny Llama 3.2 Vision checkpoints)
+
+    return mllama_fixtures
+
+
+@pytest.fixture(scope="module")
+def vision_guard(tmp_path_factory):
+    import shutil
+
+    from conftest import llama3_tokenizer_path
+
+    fixtures = mllama_fixtures()
+    path = tmp_path_factory.mktemp("guard_vision")
+    ref = fixtures.save_mllama(path, vocab_size=128256)  # <|image|> = 128256, the real Llama 3 vocabulary
+    (path / "original").mkdir()
+    shutil.copy(llama3_tokenizer_path(), path / "original" / "tokenizer.model")
+    return Guard.load(path, dtype="float32"), ref, fixtures
+
+
+def test_vision_guard_image_path_matches_transformers(vision_guard):
+    import numpy as np
+    from PIL import Image
+
+    from pocketllama.image_processing import MllamaImageProcessor, cross_attention_mask
+
+    guard, ref, fixtures = vision_guard
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Is it ok?"}]},
+            {"role": "assistant", "content": "It is a picture."}]
+    ids = guard.encode(msgs)
+    assert ids[5] == 128256 and guard.render(msgs).startswith(
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|> Task: Check if there is unsafe "
+        "content in 'Agent' messages")
+    rows = [ids + [NL2_ID]]
+    pixels = MllamaImageProcessor(tile_size=fixtures.TILE, max_tiles=4)([[image]])
+    with fixtures.released_intermediate_layers(), torch.no_grad():
+        logits = ref(input_ids=torch.tensor(rows), pixel_values=pixels.pixel_values,
+                     aspect_ratio_ids=pixels.aspect_ratio_ids, aspect_ratio_mask=pixels.aspect_ratio_mask,
+                     cross_attention_mask=cross_attention_mask(rows, pixels.num_tiles, 128256)).logits[0, -1]
+    probs = logits.double().softmax(-1)
+    p_unsafe, binary = guard.score(msgs)
+    assert p_unsafe == pytest.approx(float(probs[UNSAFE_ID]), rel=1e-3)
+    assert binary == pytest.approx(float(probs[UNSAFE_ID] / (probs[UNSAFE_ID] + probs[SAFE_ID])), rel=1e-3)
+    text_only = guard.score([{"role": "user", "content": "Is it ok?"}, msgs[1]])
+    assert text_only != (p_unsafe, binary)
+    # The generation path runs with the image in the cache; a random model answers neither safe nor unsafe.
+    with pytest.raises(GuardOutputError, match="which is neither 'safe' nor 'unsafe"):
+        guard.check(msgs, max_tokens=3)

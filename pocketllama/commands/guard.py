@@ -163,7 +163,7 @@ def run_batch(guard: Any, records: list[tuple[Any, Any]], output: Path, *, categ
             try:
                 row = {"id": rid, **guard.check(conv, categories=categories, exclude=exclude,
                                                 max_tokens=max_tokens).to_dict()}
-            except (ValueError, NotImplementedError) as e:
+            except ValueError as e:  # a conversation the guard cannot read: recorded, the run goes on
                 row = {"id": rid, "error": str(e)}
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
