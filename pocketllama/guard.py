@@ -190,6 +190,17 @@ def unsafe_scores(logits: torch.Tensor) -> tuple[float, float]:
     return p_unsafe, binary
 
 
+@dataclass(frozen=True)
+class GuardRequest:
+    """One prepared assessment: prompt ids, image tiles (vision guard) and what the verdict needs."""
+
+    ids: list[int]
+    images: Any
+    role: str
+    lines: list[tuple[str, str]]
+    exclude: list[str]
+
+
 class Guard:
     """Llama Guard 3 on a loaded model. `Guard.load("meta-llama/Llama-Guard-3-1B")` or `Guard(llm)`.
 
@@ -259,29 +270,39 @@ class Guard:
             raise ValueError(f"Llama Guard 3 Vision checks one image per conversation; got {len(conv.images)}")
         return conv
 
-    def check(self, messages: str | list[dict[str, Any]], *, categories: Mapping[str, str] | None = None,
-              exclude: Iterable[str] = (), max_tokens: int = 20) -> Verdict:
-        """Classify the last message of `messages` (a prompt string, or alternating user/assistant turns):
-        greedy assessment of up to `max_tokens` tokens, and P(unsafe) at its first token (SPEC 6.4)."""
+    def prepare(self, messages: str | list[dict[str, Any]], *, categories: Mapping[str, str] | None = None,
+                exclude: Iterable[str] = ()) -> GuardRequest:
+        """Check a conversation and build its prompt ids (and image tiles): the input of one assessment."""
         exclude = [c.strip().upper() for c in exclude]
         conv = self._conversation(messages)
         lines = self._lines(categories, exclude)
         ids = self._ids(guard_segments(conv, lines, vision=self.vision))
-        images = self._images(conv)
-        tokens, after_nl2 = self._generate(ids, max_tokens, images)
+        return GuardRequest(ids, self._images(conv), conv.role, lines, exclude)
+
+    def check(self, messages: str | list[dict[str, Any]], *, categories: Mapping[str, str] | None = None,
+              exclude: Iterable[str] = (), max_tokens: int = 20) -> Verdict:
+        """Classify the last message of `messages` (a prompt string, or alternating user/assistant turns):
+        greedy assessment of up to `max_tokens` tokens, and P(unsafe) at its first token (SPEC 6.4)."""
+        request = self.prepare(messages, categories=categories, exclude=exclude)
+        tokens, after_nl2 = self._generate(request.ids, max_tokens, request.images)
+        return self.verdict(request, tokens, after_nl2)
+
+    def verdict(self, request: GuardRequest, tokens: list[int], after_nl2: torch.Tensor | None) -> Verdict:
+        """The Verdict from the generated tokens (stop token excluded) and the raw logits [V] after `\\n\\n`
+        (None: computed here with one forward of prompt + `\\n\\n`)."""
         if after_nl2 is None:  # the model did not open with "\n\n": score the SPEC way, one more forward
-            after_nl2 = self._logits_after_nl2(ids, images)
+            after_nl2 = self._logits_after_nl2(request.ids, request.images)
         p_unsafe, binary = unsafe_scores(after_nl2)
         text = self.tokenizer.decode(tokens)
         safe, codes = parse_verdict(text)
-        names = {c: self._name(c, t) for c, t in lines}
-        violated = [c for c in dict.fromkeys(codes) if c not in exclude]
+        names = {c: self._name(c, t) for c, t in request.lines}
+        violated = [c for c in dict.fromkeys(codes) if c not in request.exclude]
         if not safe and codes and not violated:  # only excluded codes: safe (llama-stack)
             safe = True
         return Verdict(safe=safe, categories=violated if not safe else [],
                        category_names=[names.get(c, "unknown") for c in violated] if not safe else [],
-                       p_unsafe=p_unsafe, p_unsafe_binary=binary, role=conv.role, text=text,
-                       excluded_categories=exclude)
+                       p_unsafe=p_unsafe, p_unsafe_binary=binary, role=request.role, text=text,
+                       excluded_categories=list(request.exclude))
 
     def score(self, messages: str | list[dict[str, Any]], *, categories: Mapping[str, str] | None = None,
               exclude: Iterable[str] = ()) -> tuple[float, float]:
@@ -329,7 +350,7 @@ class Guard:
             context = int(model.config.max_position_embeddings)
             cache = model.make_cache(1, min(round_up(len(ids) + budget + 1, CACHE_ROUND), context))
             model.set_images(cache, images, [ids])
-        capture = _LogitsAfterNL2()
+        capture = LogitsAfterNL2()
         tokens: list[int] = []
         for token, _ in generate_step(model, ids, max_tokens=budget, logits_processors=[capture], cache=cache):
             if token in self.tokenizer.stop_ids:
@@ -348,7 +369,7 @@ def _image_source(part: dict[str, Any]) -> Any:
     return value
 
 
-class _LogitsAfterNL2:
+class LogitsAfterNL2:
     """Logits processor that keeps the raw logits of step 2 if step 1 generated `\\n\\n` (changes nothing)."""
 
     def __init__(self) -> None:
