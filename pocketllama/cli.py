@@ -10,7 +10,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("pocketllama.commands.chat", "chat with a model: interactive REPL, or one answer to a question"),
     "generate": ("pocketllama.commands.generate", "complete a prompt (no chat format)"),
     "models": ("pocketllama.commands.models", "list model aliases and the models in the local HF cache"),
+    "quantize": ("pocketllama.commands.quantize", "write an int8 / int4 quantized checkpoint (recipe in config.json)"),
+    "export-gguf": ("pocketllama.commands.export_gguf", "write a llama.cpp GGUF (f16, q8_0, q4_0, ...)"),
+    "memory": ("pocketllama.commands.memory", "memory a model needs (weights, KV cache, activations), from metadata"),
+    "perplexity": ("pocketllama.commands.perplexity", "perplexity of a model over a text file (sliding window)"),
     "guard": ("pocketllama.commands.guard", "moderate a prompt or answer with Llama Guard 3 (one, or a JSONL batch)"),
+    "serve": ("pocketllama.commands.serve", "OpenAI-compatible server with continuous batching and a web chat page"),
 }
 
 

@@ -1,0 +1,128 @@
+"""`pocketllama serve -m MODEL`: an OpenAI-compatible server (chat + text completions, streaming) with
+continuous batching, and a web chat page at its root URL."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from .common import add_model_args, cli_errors, load_from_args
+
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def _size(text: str) -> int:
+    """'4194304', '512K', '4M', '1G' -> bytes."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use bytes or a K/M/G suffix, e.g. 4M") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pocketllama serve", description=__doc__,
+        epilog="Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, "
+               "GET /metrics (Prometheus), GET / (web chat). Use it with the official clients: "
+               "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='KEY or anything').")
+    add_model_args(p)
+    g = p.add_argument_group("network and security")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the "
+                        "network -- set --api-key then)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    g.add_argument("--api-key", default=os.environ.get("POCKETLLAMA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $POCKETLLAMA_API_KEY; "
+                        "unset = no auth)")
+    g.add_argument("--max-body-size", type=_size, default="4M",
+                   help="largest request body accepted, bytes or K/M/G (default 4M); larger gets 413")
+    g.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
+                   help="extra model name the API accepts besides the -m value (repeatable)")
+    g = p.add_argument_group("batching and memory")
+    g.add_argument("--max-concurrency", type=int, default=8,
+                   help="sequences generated together, one KV cache row each (default 8)")
+    g.add_argument("--max-queue", type=int, default=64,
+                   help="sequences that may wait for a free row; beyond it requests get 429 with Retry-After "
+                        "(default 64)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="tokens per sequence, prompt + generated; sizes the KV cache (default: the model's "
+                        f"context length, at most {DEFAULT_MAX_MODEL_LEN}); longer requests get 400")
+    g.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled per engine step between decode steps; bounds how long a new "
+                        "prompt stalls running streams (default 256)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="server log level; 'info' also logs every request (default warning)")
+    return p
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port or stop what uses "
+                      "it") from None
+    return sock
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag in ("max_concurrency", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    sock = _bind(args.host, args.port)  # fail on a busy port before spending seconds on loading
+
+    import uvicorn
+
+    from ..engine.batching import BatchEngine
+    from ..engine.generate import peak_memory_gb
+    from ..server import create_app
+
+    llm = load_from_args(args)
+    max_len = args.max_model_len or min(llm.context_length, DEFAULT_MAX_MODEL_LEN)
+    if not 1 < max_len <= llm.context_length:
+        raise ValueError(f"--max-model-len {max_len} must be in [2, {llm.context_length}] (the model's context)")
+    engine = BatchEngine(llm.model, llm.tokenizer, max_concurrency=args.max_concurrency,
+                         max_queue=args.max_queue, max_model_len=max_len, prefill_chunk=args.prefill_chunk)
+    name = args.model or "smollm2-135m"
+    app = create_app(llm, engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_size,
+                     served_names=args.served_model_name)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    weights = sum(t.numel() * t.element_size() for t in (*llm.model.parameters(), *llm.model.buffers()))
+    print(f"pocketllama serve: http://{shown}:{port}  (web chat at /, OpenAI API at /v1)\n"
+          f"  model: {name} ({llm.source}), {llm.dtype}, loaded in {llm.load_seconds:.1f} s\n"
+          f"  context length: {llm.context_length} tokens; serving up to {max_len} per sequence "
+          f"(--max-model-len), {args.max_concurrency} at once, {args.max_queue} queued\n"
+          f"  memory: weights {_gb(weights)}, KV cache {_gb(engine.cache.nbytes)}, process peak "
+          f"{_gb(peak_memory_gb(llm.device) * 1e9)}\n"
+          f"  auth: {'API key required on /v1' if args.api_key else 'none (set --api-key to require one)'}",
+          flush=True)
+    engine.start()
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
+                            timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
