@@ -50,16 +50,18 @@ class ChatFormat(Protocol):
 
 
 def get_chat_format(
-    tokenizer: Tokenizer, chat_template: str | None = None, *, prefer_template: bool = False
+    tokenizer: Tokenizer, chat_template: str | None = None, *, prefer_template: bool = False,
+    image_token_id: int | None = None,
 ) -> ChatFormat:
     """The chat format for a model: Llama 3.x as code when the vocabulary has `<|start_header_id|>` and
     `<|eot_id|>`; otherwise its Jinja template (`chat_template`, else `tokenizer.chat_template`).
 
     `prefer_template=True` uses the template even for a Llama 3 vocabulary (e.g. Llama Guard's prompt).
+    `image_token_id` (a vision model's `image_token_index`) lets Llama 3 messages carry images (SPEC 5.4).
     """
     template = chat_template if chat_template is not None else tokenizer.chat_template
     if is_llama3_vocab(tokenizer) and not (prefer_template and template):
-        return Llama3ChatFormat(tokenizer)
+        return Llama3ChatFormat(tokenizer, image_token_id=image_token_id)
     if not template:
         raise ValueError(
             f"tokenizer {tokenizer.source!r} has no chat template and is not a Llama 3 vocabulary; "
@@ -86,6 +88,13 @@ def render_completion(tokenizer: Tokenizer, text: str) -> str:
         else None
     )
     return (bos or "") + text
+
+
+def has_image(message: Message) -> bool:
+    """True when a message's content list holds an image part."""
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in _IMAGE_PARTS
+                                             for p in content)
 
 
 def content_text(content: Any, *, where: str = "message") -> str:
@@ -133,16 +142,21 @@ class Llama3ChatFormat:
     - Tools (SPEC 5.3, `pocketllama.tools`): `tools=[...]` plus template arguments `tool_style` ("pythonic":
       Meta's Llama 3.2 format, the default; "json": HF's 3.1 / 3.2-Vision format) and `tools_in_user_message`.
       Assistant `tool_calls` are rendered in that style and tool results as JSON.
-    Not yet: images (SPEC 5.4): they raise.
+    - Images (SPEC 5.4, vision models: pass `image_token_id`): an image part of a user message becomes one
+      `<|image|>` (id `image_token_id`) where it stands, and that message's parts are joined untrimmed (HF
+      Vision template). With any image in the conversation there is no default system block; a system
+      message the caller gives becomes a plain system block (no date lines). Images with tools raise. This
+      format emits every image it is given; which images a request keeps is `pocketllama.vision`'s policy.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, image_token_id: int | None = None) -> None:
         if not is_llama3_vocab(tokenizer):
             raise ValueError(
                 f"tokenizer {tokenizer.source!r} lacks <|start_header_id|>/<|eot_id|>; not a Llama 3 vocab"
             )
         self.tokenizer = tokenizer
-        self._special = tokenizer.special_tokens
+        self.image_token_id = image_token_id
+        self._special = {**tokenizer.special_tokens, **({"<|image|>": image_token_id} if image_token_id else {})}
         for name in ("<|begin_of_text|>", "<|end_header_id|>", "<|eom_id|>"):
             if name not in self._special:
                 raise ValueError(f"tokenizer {tokenizer.source!r} has no {name} token; not a Llama 3 vocab")
@@ -211,8 +225,17 @@ class Llama3ChatFormat:
         uses_tools = bool(prompt.tools) or any(m.get("tool_calls") for m in messages)
         has_system = bool(messages) and messages[0].get("role") == "system"
         system = content_text(messages[0].get("content"), where="message 0").strip() if has_system else ""
-        out: list[tuple[str, bool]] = [("<|begin_of_text|>", True), *self._header("system")]
-        out += [(self._system_text(system, date_string, prompt), False), ("<|eot_id|>", True)]
+        images = self.image_token_id is not None and any(has_image(m) for m in messages)
+        out: list[tuple[str, bool]] = [("<|begin_of_text|>", True)]
+        if images:  # HF Vision template: no default system block with images; a caller's system message stays
+            if prompt.tools:
+                raise ValueError("tools cannot be combined with images: Llama 3.2 Vision calls tools in "
+                                 "text-only conversations (drop the image or the tools)")
+            if has_system:
+                out += [*self._header("system"), (system, False), ("<|eot_id|>", True)]
+        else:
+            out += [*self._header("system"), (self._system_text(system, date_string, prompt), False),
+                    ("<|eot_id|>", True)]
         rest = list(enumerate(messages))[int(has_system):]
         if prompt.wraps_first_user_message:
             if not rest or rest[0][1].get("role") != "user":
@@ -243,6 +266,10 @@ class Llama3ChatFormat:
         `tool_calls` in its style and tool results as JSON."""
         where = f"message {index}"
         role = _role(message.get("role"), where)
+        if self.image_token_id is not None and has_image(message):
+            if role != "user" or message.get("tool_calls") or message.get("eom"):
+                raise ValueError(f"{where}: images go in user messages, not in a {role!r} message")
+            return [*self._header(role), *self._image_content(message["content"], where), ("<|eot_id|>", True)]
         text = content_text(message.get("content"), where=where)
         if role != "ipython":
             text = text.strip()
@@ -264,6 +291,18 @@ class Llama3ChatFormat:
 
             text = render_tool_result(text)
         return [*self._header(role), (text, False), ("<|eom_id|>" if eom else "<|eot_id|>", True)]
+
+
+    def _image_content(self, content: list, where: str) -> list[tuple[str, bool]]:
+        """Text parts as given (not trimmed) and one `<|image|>` per image part, in order."""
+        out: list[tuple[str, bool]] = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in _IMAGE_PARTS:
+                out.append(("<|image|>", True))
+            else:
+                out.append((content_text([part], where=where), False))
+        return out
 
 
 def _role(role: Any, where: str = "message") -> str:

@@ -41,7 +41,8 @@ class LLM:
         if self._chat_format is None:
             from .chat_format import get_chat_format
 
-            self._chat_format = get_chat_format(self.tokenizer, self.chat_template)
+            self._chat_format = get_chat_format(self.tokenizer, self.chat_template,
+                                                image_token_id=getattr(self.config, "image_token_index", None))
         return self._chat_format
 
     @property
@@ -108,8 +109,14 @@ class LLM:
         tool_choice "required" or {"type": "function", "function": {"name": ...}} forces the output to open
         a call (`tool_choice.ForcedPrefix`); "none" leaves the tools out of the prompt.
         """
+        from .chat_format import has_image
         from .tool_choice import ForcedPrefix, prepare
 
+        if any(has_image(m) for m in messages):  # vision: one image per conversation (pocketllama.vision)
+            from .vision import stream_vision_chat
+
+            yield from stream_vision_chat(self, messages, tools=tools, date_string=date_string, **kwargs)
+            return
         template = {k: kwargs.pop(k) for k in ("tool_style", "tools_in_user_message") if k in kwargs}
         style = template.get("tool_style") or self._tool_style()
         parsed, choice = prepare(tools, tool_choice, style)

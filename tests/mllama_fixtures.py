@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import pytest
 import torch
 
 from pocketllama.image_processing import CLIP_MEAN, CLIP_STD
@@ -82,3 +83,25 @@ def released_intermediate_layers():
         yield
     finally:
         modeling_mllama.MllamaVisionEncoder.forward = original
+
+
+def save_vision_checkpoint(path: Path, seed: int = 0):
+    """A tiny random vision model with the real Llama 3 vocabulary (128256 + `<|image|>` = 128256), its
+    tokenizer.model and preprocessor config: a complete folder for `pocketllama.load`, the CLI and the server."""
+    import shutil
+
+    from conftest import llama3_tokenizer_path
+
+    model = save_mllama(path, seed, vocab_size=128256, hidden_size=32, intermediate_size=64, bos_token_id=128000,
+                        eos_token_id=[128001, 128008, 128009], pad_token_id=128004)
+    shutil.copy(llama3_tokenizer_path(), path / "tokenizer.model")
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a loaded machine (no thread wake-ups per op)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

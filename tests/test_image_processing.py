@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mllama_fixtures import one_thread  # noqa: F401  (autouse: tiny models on one thread)
 from PIL import Image
 
 from pocketllama.image_processing import (

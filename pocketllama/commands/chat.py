@@ -3,6 +3,7 @@
     pocketllama chat -m MODEL                      # REPL: /reset, /system TEXT, /exit
     pocketllama chat -m MODEL "What is 2+2?"       # prints only the answer
     echo "What is 2+2?" | pocketllama chat         # question from stdin
+    pocketllama chat -m VISION_MODEL --image photo.jpg "Describe this image"   # Llama 3.2 Vision
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from .common import add_model_args, add_sampling_args, cli_errors, load_from_args, sampling_kwargs
 from .generate import stats_line
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
+HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), "
+        "/image PATH (attach an image to the next question; vision models), /exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", nargs="*", help="ask one question, print the answer and exit")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--date", default=None, help="date for the Llama 3.2 system block, e.g. '26 Jul 2024'")
+    p.add_argument("--image", default=None, metavar="PATH",
+                   help="attach an image to the (first) question; needs a Llama 3.2 Vision model")
     add_sampling_args(p)
     p.add_argument("--stats", action="store_true", help="one-shot: print token counts and tokens/s to stderr")
     return p
@@ -34,13 +38,19 @@ class ChatSession:
     def __init__(self, llm, system: str | None, date: str | None, sampling: dict, compile: bool) -> None:
         self.llm, self.system, self.date, self.sampling, self.compile = llm, system, date, sampling, compile
         self.history: list[dict] = []
+        self.image: str | None = None  # attached to the next question, then kept in the history
+
 
     def messages(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history
 
     def ask(self, question: str, out) -> object:
-        self.history.append({"role": "user", "content": question})
+        content = question
+        if self.image is not None:
+            content = [{"type": "image", "image": self.image}, {"type": "text", "text": question}]
+            self.image = None
+        self.history.append({"role": "user", "content": content})
         parts, last = [], None
         for last in self.llm.stream_chat(self.messages(), date_string=self.date, compile=self.compile,
                                          **self.sampling):
@@ -59,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         question = sys.stdin.read().strip()
         if not question:
             raise ValueError("empty question on stdin")
+    if args.image is not None:  # a bad image fails before the model loads
+        from ..image_processing import load_image
+
+        load_image(args.image)
     llm = load_from_args(args)
     session = ChatSession(llm, args.system, args.date, sampling_kwargs(args), args.compile)
+    session.image = args.image
     if question:
         last = session.ask(question, sys.stdout)
         sys.stdout.write("\n")
@@ -98,6 +113,18 @@ def repl(session: ChatSession) -> int:
             session.history.clear()
             print(f"(system prompt {'set' if session.system else 'cleared'}; conversation cleared)",
                   file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            from ..image_processing import load_image
+
+            path = line[len("/image"):].strip()
+            try:
+                load_image(path)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            session.image = path
+            print(f"(image {path} attached to the next question)", file=sys.stderr)
             continue
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]!r}; {HELP}", file=sys.stderr)

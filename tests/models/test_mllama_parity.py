@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from mllama_fixtures import IMAGE, TILE, released_intermediate_layers, save_mllama
+from mllama_fixtures import (
+    IMAGE,
+    TILE,
+    one_thread,  # noqa: F401  (autouse: tiny models on one thread)
+    released_intermediate_layers,
+    save_mllama,
+)
 from PIL import Image
 
 from pocketllama.engine.generate import generate_step
