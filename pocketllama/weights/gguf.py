@@ -95,11 +95,16 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _inv_freq(theta: float, head_dim: int) -> torch.Tensor:
+    """RoPE base frequencies (head_dim/2,), computed in fp32 exactly as HF and llama.cpp's converter do."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
 def llama3_rope_divisors(
     theta: float, head_dim: int, factor: float, low_freq_factor: float, high_freq_factor: float, original: int
 ) -> np.ndarray:
     """Per-pair inv_freq divisors for llama3 RoPE scaling (SPEC 1.3), as llama.cpp's `rope_freqs.weight` holds."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # fp32, like HF
+    inv_freq = _inv_freq(theta, head_dim)
     low_wavelen, high_wavelen = original / low_freq_factor, original / high_freq_factor
     out = []
     for f in inv_freq.tolist():
@@ -138,8 +143,7 @@ def recover_llama3_rope_scaling(
     candidates = [LLAMA3_DEFAULTS]
     if original_hint:
         candidates.insert(0, (1.0, 4.0, original_hint))
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    inv_wavelen = inv_freq.double().numpy() / (2 * math.pi)
+    inv_wavelen = _inv_freq(theta, head_dim).double().numpy() / (2 * math.pi)
     mid = (d > 1 + 1e-4) & (d < factor * (1 - 1e-4))
     if mid.sum() >= 2 and factor > 1:
         # smooth s = (L0/w - lf)/(hf - lf) is linear in 1/w; s from the divisor: 1/d = (1-s)/F + s
@@ -224,10 +228,10 @@ class GGUFCheckpoint:
                 f"{rope_dim} differ; pocketllama's llama needs them equal (full rotary, k and v of one width)"
             )
         theta = float(md.get(f"{arch}.rope.freq_base", 10000.0))
-        embd_rows = self._info("token_embd.weight").shape[0]
-        vocab = md.get(f"{arch}.vocab_size") or len(md.get("tokenizer.ggml.tokens") or []) or embd_rows
-        if vocab != embd_rows:
-            raise ValueError(f"{self.path}: vocab size {vocab} disagrees with token_embd.weight's {embd_rows} rows")
+        vocab = self._info("token_embd.weight").shape[0]  # the model's vocab; the token list may be shorter
+        if md.get(f"{arch}.vocab_size", vocab) != vocab:
+            raise ValueError(f"{self.path}: {arch}.vocab_size {md[f'{arch}.vocab_size']} disagrees with "
+                             f"token_embd.weight's {vocab} rows")
         names = self._name_map
         eos = [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                "tokenizer.ggml.eom_token_id") if k in md]

@@ -109,7 +109,7 @@ class _Cursor:
         n = self.u64(what)
         if n > self.size - self.pos:
             raise ValueError(
-                f"{self.path} is corrupt: {what} has a string length of {n} bytes at offset {self.pos - 8}, "
+                f"{self.path} is truncated or corrupt: {what} has a string length of {n} bytes at offset {self.pos - 8}, "
                 f"past the end of the file ({self.size} bytes)"
             )
         if n > MAX_STRING_BYTES:
@@ -179,7 +179,7 @@ class _Cursor:
                 pos += 8
                 if ln > size - pos:
                     raise ValueError(
-                        f"{self.path} is corrupt: {what}[{len(out)}] has a string length of {ln} bytes at "
+                        f"{self.path} is truncated or corrupt: {what}[{len(out)}] has a string length of {ln} bytes at "
                         f"offset {pos - 8}, past the end of the file ({size} bytes)"
                     )
                 if ln > MAX_STRING_BYTES:

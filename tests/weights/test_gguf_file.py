@@ -83,11 +83,11 @@ def test_tensor_data_offset_overflow_and_misalignment(tmp_path):
 def test_metadata_string_longer_than_the_file(tmp_path):
     raw = gguf_string("general.name") + struct.pack("<I", VT.STRING) + struct.pack("<Q", 2**62) + b"abc"
     path = write_bytes(tmp_path / "s.gguf", build_gguf(llama_kvs(), raw_kv=raw))
-    fails_fast(path, r"s.gguf is corrupt: metadata key 'general.name' has a string length of 4611686018427387904 "
+    fails_fast(path, r"s.gguf is truncated or corrupt: metadata key 'general.name' has a string length of 4611686018427387904 "
                       r"bytes at offset \d+, past the end of the file \(\d+ bytes\)")
     key = struct.pack("<Q", 10**12) + b"general"
     path = write_bytes(tmp_path / "k.gguf", build_gguf(llama_kvs(), raw_kv=key))
-    fails_fast(path, r"k.gguf is corrupt: metadata key #7 has a string length of 1000000000000 bytes")
+    fails_fast(path, r"k.gguf is truncated or corrupt: metadata key #7 has a string length of 1000000000000 bytes")
 
 
 def test_array_longer_than_the_file(tmp_path):
