@@ -156,7 +156,8 @@ class LLM:
 
 
 def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device = "cpu", progress: bool | None = None) -> LLM:
+         device: str | torch.device = "cpu", progress: bool | None = None, quantize: Any = None,
+         context: int | None = None) -> LLM:
     """Load a model from a folder (HF or Meta), a .gguf file, an HF cache repo id or an alias.
 
     >>> llm = pocketllama.load("smollm2-135m")                      # doctest: +SKIP
@@ -164,9 +165,14 @@ def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dty
     torch.Size([1, 1, 49152])
 
     dtype: "float32", "bfloat16" or "float16"; default: the checkpoint's own dtype.
+    quantize: None = as stored (a recipe recorded in config.json; GGUF Q8_0/Q4_0/Q4_1 kept quantized);
+    a recipe such as "int8" or "int4-g32" quantizes float weights while loading; False loads float weights.
+    context: tokens the memory check budgets a KV cache for (default min(4096, the model's context));
+    a load whose estimate exceeds MemAvailable is refused with a suggestion (quant/memory.py).
     """
     start = time.perf_counter()
-    model, checkpoint = load_model(source, dtype=dtype, device=device, progress=progress)
+    model, checkpoint = load_model(source, dtype=dtype, device=device, progress=progress, quantize=quantize,
+                                   context=context)
     tokenizer = checkpoint.load_tokenizer()
     return LLM(model=model, tokenizer=tokenizer, config=model.config, source=checkpoint.path,
                generation_config=checkpoint.generation_config(),
@@ -175,9 +181,12 @@ def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dty
 
 
 def load_model(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu", progress: bool | None = None) -> tuple[nn.Module, Any]:
-    """Only the model (no tokenizer): (model in eval mode, the opened Checkpoint)."""
+               device: str | torch.device = "cpu", progress: bool | None = None, quantize: Any = None,
+               context: int | None = None) -> tuple[nn.Module, Any]:
+    """Only the model (no tokenizer): (model in eval mode, the opened Checkpoint). See `load`."""
     from .models import config_from_hf, model_class
+    from .quant.handler import prepare_load
+    from .quant.memory import check_fits
     from .sources import resolve
     from .weights import open_checkpoint
     from .weights.base import assign_weights, build_on_meta
@@ -191,10 +200,13 @@ def load_model(source: str | os.PathLike[str] | None = None, *, dtype: str | tor
     if hasattr(cls, "adapt_checkpoint"):  # the model's other on-disk layouts (e.g. Mllama's newer names)
         checkpoint = cls.adapt_checkpoint(checkpoint)
     model = build_on_meta(cls, config)
+    if torch.device(device).type == "cpu":
+        check_fits(model, checkpoint, quantize=quantize, dtype=target, context=context)
+    weights = prepare_load(model, checkpoint, quantize, target)  # swaps quantized modules in, before assigning
     ignore = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    size = sum(_numel(checkpoint.tensor_shape(n)) for n in checkpoint.tensor_names())
+    size = sum(_numel(weights.tensor_shape(n)) for n in weights.tensor_names())
     show = progress if progress is not None else size > 300_000_000
-    assign_weights(model, checkpoint, target, device, progress=show, ignore=ignore)
+    assign_weights(model, weights, target, device, progress=show, ignore=ignore)
     return model.eval(), checkpoint
 
 

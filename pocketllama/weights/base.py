@@ -59,7 +59,8 @@ def assign_weights(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
                    device: torch.device | str = "cpu", progress: bool = False,
                    ignore: set[str] = frozenset()) -> None:
     """Assign every parameter of `model` (built on meta) from `checkpoint`, converting to `dtype`."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    reference = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in reference.items()}
     names = [n for n in checkpoint.tensor_names() if n not in ignore]
     check_tensors(expected, {n: tuple(checkpoint.tensor_shape(n)) for n in names}, checkpoint.path)
     state: dict[str, torch.Tensor] = {}
@@ -69,7 +70,8 @@ def assign_weights(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
 
         iterator = tqdm(names, desc=f"loading {checkpoint.path.name}", unit="tensor", leave=False)
     for name in iterator:
-        t = checkpoint.load_tensor(name, dtype)
+        # quantized buffers (int8 / uint8, quant/) load as stored; only floating tensors convert to `dtype`
+        t = checkpoint.load_tensor(name, dtype if reference[name].is_floating_point() else None)
         if t.device != torch.device(device):
             t = t.to(device)
         state[name] = t

@@ -1,0 +1,127 @@
+"""Matmul kernels for quantized weights: PyTorch's native CPU ops where they apply, exact pure-torch
+dequantize-then-matmul fallbacks elsewhere. Inputs are 2-D activations x (M, K); outputs (M, N) in x.dtype.
+
+Native ops (torch >= 2.6): `aten._weight_int8pack_mm` (int8, one scale per output row) and
+`aten._weight_int4pack_mm_for_cpu` (int4 groupwise, weights repacked by `_convert_weight_to_int4pack_for_cpu`;
+vectorized only for bfloat16 activations on x86, so other dtypes take the fallback).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .primitives import pack_int4, unpack_int4
+
+# Rows of dequantized weight per fallback chunk: bounds the temporary (2M fp32 values = 8 MB) when a
+# large matrix (a 128k-row vocabulary) is dequantized for one matmul.
+FALLBACK_CHUNK_VALUES = 2 * 1024 * 1024
+
+
+def _native(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+def has_native_int8() -> bool:
+    return _native("_weight_int8pack_mm")
+
+
+@functools.cache
+def has_native_int4() -> bool:
+    """The CPU int4 ops exist and their packed layout is one `native_int4_unpack` can invert."""
+    if not (_native("_convert_weight_to_int4pack_for_cpu") and _native("_weight_int4pack_mm_for_cpu")):
+        return False
+    probe = torch.randint(0, 16, (64 * 2 + 16 + 32, 64), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.uint8)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1)
+        return torch.equal(unpack_int4(native_int4_unpack(packed, probe.shape[0], probe.shape[1])), probe)
+    except (RuntimeError, ValueError):
+        return False
+
+
+def native_int4_block_n() -> int:
+    """Output rows per packed block in PyTorch's CPU int4 layout: 64 with AVX-512, 32 otherwise."""
+    return 64 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 32
+
+
+def native_int4_pack(weight: torch.Tensor) -> torch.Tensor:
+    """Canonical packed int4 (N, K/2) -> PyTorch's CPU kernel layout (N, K/2) uint8."""
+    q = unpack_int4(weight).to(torch.int32)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def native_int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of `native_int4_pack`, from the layout in aten/src/ATen/native/cpu/int4mm_kernel.cpp:
+    per block of `block_n` rows, for each k, byte j holds row j (low nibble) and row j + block_n/2 (high);
+    a last partial block holds row pairs (2i low, 2i+1 high)."""
+    block_n = native_int4_block_n()
+    out = torch.empty(n, k, dtype=torch.uint8)
+    full = n // block_n * block_n
+    if full:
+        b = packed[:full].reshape(n // block_n, k, block_n // 2)  # (NB, K, block_n/2)
+        lo, hi = (b & 15).transpose(1, 2), (b >> 4).transpose(1, 2)  # (NB, block_n/2, K)
+        out[:full] = torch.cat((lo, hi), dim=1).reshape(full, k)
+    if n > full:
+        rest = n - full
+        b = packed[full:].reshape(k, rest // 2)  # (K, rest/2)
+        out[full:] = torch.stack(((b & 15).T, (b >> 4).T), dim=1).reshape(rest, k)
+    return pack_int4(out)
+
+
+def native_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """(N, G) scales and zeros -> (G, N, 2), the layout of the native kernel's qScaleAndZeros."""
+    return torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
+
+
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (weight int8 (N, K) * scales (N, G)).T -> (M, N)."""
+    if scales.shape[1] == 1 and has_native_int8() and x.dtype == scales.dtype:
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales.view(-1))
+    return _fallback(x, weight.shape[0], lambda r0, r1: _deq_int8(weight[r0:r1], scales[r0:r1], x.dtype))
+
+
+def int4_mm_native(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                   group_size: int) -> torch.Tensor:
+    """x (M, K) @ dequant(native-packed int4).T via PyTorch's kernel; x and scales share a dtype."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_and_zeros)
+
+
+def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ dequant(canonical int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N), exact fallback."""
+    return _fallback(x, weight.shape[0],
+                     lambda r0, r1: _deq_int4(weight[r0:r1], scales[r0:r1], zeros[r0:r1], x.dtype))
+
+
+def _deq_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n, k = weight.shape
+    g = scales.shape[1]
+    return (weight.to(dtype).view(n, g, k // g) * scales.to(dtype)[..., None]).view(n, k)
+
+
+def _deq_int4(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    q = unpack_int4(weight)
+    n, k = q.shape
+    g = scales.shape[1]
+    w = torch.addcmul(zeros.to(dtype)[..., None], q.to(dtype).view(n, g, k // g) - 8, scales.to(dtype)[..., None])
+    return w.view(n, k)
+
+
+def _fallback(x: torch.Tensor, n: int, dequant) -> torch.Tensor:
+    """Dequantize row chunks of the weight and matmul each; a single row takes the GEMV (`mv`) kernel."""
+    k = x.shape[1]
+    rows = max(1, min(n, FALLBACK_CHUNK_VALUES // max(k, 1)))
+    if rows >= n:
+        w = dequant(0, n)
+        return torch.mv(w, x[0]).unsqueeze(0) if x.shape[0] == 1 else F.linear(x, w)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = dequant(r0, r1)
+        if x.shape[0] == 1:
+            torch.mv(w, x[0], out=out[0, r0:r1])
+        else:
+            out[:, r0:r1] = F.linear(x, w)
+    return out

@@ -1,0 +1,231 @@
+"""Replacement modules holding quantized buffers: `Int8Linear`, `Int4Linear`, `Int8Embedding`.
+
+Their `state_dict()` is always the canonical layout of `primitives.py` (what checkpoints store); on load
+they may repack into a kernel's layout (PyTorch's int4 CPU layout for bfloat16 activations). Built on the
+meta device by `handler.swap_modules`, then filled by the ordinary `load_state_dict(assign=True)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import kernels
+from .primitives import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+
+
+def _take(module: nn.Module, state_dict: dict[str, Any], prefix: str, names: dict[str, tuple[tuple[int, ...], str]],
+          missing_keys: list[str], error_msgs: list[str]) -> dict[str, torch.Tensor] | None:
+    """Pop the expected tensors (name -> (shape, 'int8' | 'uint8' | 'float')) from `state_dict`, checking
+    shape and dtype; report problems the way nn.Module does (missing_keys / error_msgs)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, (shape, kind) in names.items():
+        key = prefix + name
+        if key not in state_dict:
+            missing_keys.append(key)
+            continue
+        t = state_dict[key]
+        ok_dtype = t.is_floating_point() if kind == "float" else t.dtype == getattr(torch, kind)
+        if tuple(t.shape) != tuple(shape) or not ok_dtype:
+            error_msgs.append(f"{key}: expected {kind} {tuple(shape)}, got {t.dtype} {tuple(t.shape)} "
+                              f"(was the checkpoint quantized with a different recipe?)")
+            continue
+        out[name] = t
+    return out if len(out) == len(names) else None
+
+
+class _QuantModule(nn.Module):
+    in_features: int
+    out_features: int
+
+    def _state_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        layout = self._state_layout()
+        if getattr(self, "bias", None) is not None:
+            layout["bias"] = ((self.out_features,), "float")
+        got = _take(self, state_dict, prefix, layout, missing_keys, error_msgs)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in layout)
+        if got is not None:
+            if "bias" in got:
+                self.bias = nn.Parameter(got.pop("bias"), requires_grad=False)
+            self._set(**got)
+
+    def _set(self, **tensors: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _store(self, **tensors: torch.Tensor) -> None:
+        for name in [n for n in self._buffers if n != "bias"]:
+            del self._buffers[name]
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+
+class Int8Linear(_QuantModule):
+    """y = x @ (weight * scales).T + bias; weight int8 (N, K), scales (N, K // group) (group None: (N, 1))."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = 1 if group_size is None else in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype or torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    def _state_layout(self):
+        return {"weight": (tuple(self.weight.shape), "int8"), "scales": (tuple(self.scales.shape), "float")}
+
+    def _set(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        self._store(weight=weight, scales=scales)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int | None = None) -> Int8Linear:
+        q, s = quantize_int8(linear.weight, group_size, scale_dtype=linear.weight.dtype)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        m._set(weight=q, scales=s)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.scales, dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.int8_mm(x.reshape(-1, self.in_features), self.weight, self.scales)  # (B*T, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class Int4Linear(_QuantModule):
+    """y = x @ ((q - 8) * scales + zeros).T + bias with int4 q in groups of `group_size` along K.
+
+    With bfloat16 scales the weight is repacked for PyTorch's vectorized int4 kernel (`layout == "native"`);
+    otherwise it stays canonical and runs the exact dequantize-then-matmul fallback.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"Int4Linear: in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.layout = "canonical"
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype or torch.float32, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype or torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    def _state_layout(self):
+        n, k, g = self.out_features, self.in_features, self.in_features // self.group_size
+        return {"weight": ((n, k // 2), "uint8"), "scales": ((n, g), "float"), "zeros": ((n, g), "float")}
+
+    def _set(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        if scales.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernels.has_native_int4():
+            self.layout = "native"
+            self._store(weight=kernels.native_int4_pack(weight),
+                        scales_and_zeros=kernels.native_scales_and_zeros(scales, zeros))
+        else:
+            self.layout = "canonical"
+            self._store(weight=weight, scales=scales, zeros=zeros.to(scales.dtype))
+
+    def canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weight (N, K/2) uint8, scales (N, G), zeros (N, G)) in the checkpoint layout."""
+        if self.layout == "canonical":
+            return self.weight, self.scales, self.zeros
+        sz = self.scales_and_zeros  # (G, N, 2)
+        weight = kernels.native_int4_unpack(self.weight, self.out_features, self.in_features)
+        return weight, sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for name, t in zip(("weight", "scales", "zeros"), self.canonical(), strict=True):
+            destination[prefix + name] = t
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        q, s, z = quantize_int4(linear.weight, group_size, scale_dtype=linear.weight.dtype)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        m._set(weight=q, scales=s, zeros=z)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w, s, z = self.canonical()
+        return dequantize_int4(w, s, z, dtype or s.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+        if self.layout == "native" and x2.dtype == self.scales_and_zeros.dtype:
+            y = kernels.int4_mm_native(x2, self.weight, self.scales_and_zeros, self.group_size)
+        else:
+            y = kernels.int4_mm(x2, *self.canonical())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"layout={self.layout}")
+
+
+class Int8Embedding(_QuantModule):
+    """Token table in int8 (V, D) with scales (V, D // group) (group None: one per row). `forward` looks rows
+    up; `attend(h)` projects hidden states onto the vocabulary with the same table (tied output)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        self.in_features, self.out_features = embedding_dim, num_embeddings
+        groups = 1 if group_size is None else embedding_dim // group_size
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=dtype or torch.float32,
+                                                   device=device))
+
+    def _state_layout(self):
+        return {"weight": (tuple(self.weight.shape), "int8"), "scales": (tuple(self.scales.shape), "float")}
+
+    def _set(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        self._store(weight=weight, scales=scales)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, group_size: int | None = None) -> Int8Embedding:
+        q, s = quantize_int8(embedding.weight, group_size, scale_dtype=embedding.weight.dtype)
+        m = cls(embedding.num_embeddings, embedding.embedding_dim, group_size, device=embedding.weight.device,
+                dtype=embedding.weight.dtype)
+        m._set(weight=q, scales=s)
+        return m
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.scales, dtype or self.scales.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[ids]  # (..., D) int8
+        groups = self.scales.shape[1]
+        w = rows.to(self.scales.dtype).unflatten(-1, (groups, -1)) * self.scales[ids][..., None]
+        return w.flatten(-2)  # (..., D)
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> logits (..., V) = h @ table.T."""
+        y = kernels.int8_mm(h.reshape(-1, self.embedding_dim), self.weight, self.scales)
+        return y.view(*h.shape[:-1], self.num_embeddings)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"

@@ -1,0 +1,145 @@
+"""Quantization recipes: which modules become int8 / int4, by name (`int8`, `int4-g32`, ...) or as a dict
+that a saved checkpoint records in config.json (`pocketllama_quantization`). Never inferred from file names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .primitives import INT4_GROUP_SIZES
+
+Kind = Literal["int8", "int4"]
+FORMAT_VERSION = 1
+# Module names of the Llama text model, optionally inside Llama 3.2 Vision (`language_model.`), whose
+# cross-attention blocks quantize like the self-attention ones.
+_PREFIX = r"(?:language_model\.)?"
+_BLOCK_LINEAR = re.compile(_PREFIX + r"model\.layers\.\d+\.(self_attn|cross_attn|mlp)\.\w+_proj")
+_EMBEDDING = re.compile(_PREFIX + r"model\.embed_tokens")
+_LM_HEAD = re.compile(_PREFIX + r"lm_head")
+INT4_ROW_MULTIPLE = 16  # PyTorch's int4 kernels pack output rows in blocks of 16
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """How one module is stored: int8 (group_size None = one scale per output row) or int4 groupwise."""
+
+    kind: Kind
+    group_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Weight-only quantization of a Llama: block linears, token embedding, output projection.
+
+    A tied model has one table for the embedding and the output; it follows `embedding`, and `lm_head`
+    must agree (the int8 table serves both lookups and the logits matmul).
+    """
+
+    linear: Kind | None = None
+    group_size: int | None = None  # int4 only: 32, 64, 128 or 256
+    embedding: Literal["int8"] | None = None
+    lm_head: Kind | None = None
+
+    def __post_init__(self) -> None:
+        for field, value, allowed in (("linear", self.linear, ("int8", "int4")),
+                                      ("embedding", self.embedding, ("int8",)),
+                                      ("lm_head", self.lm_head, ("int8", "int4"))):
+            if value is not None and value not in allowed:
+                raise ValueError(f"recipe field {field!r} is {value!r}; choose one of {allowed} or null")
+        uses_int4 = "int4" in (self.linear, self.lm_head)
+        if uses_int4 and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"recipe uses int4 but group_size is {self.group_size!r}; choose one of "
+                             f"{INT4_GROUP_SIZES} (e.g. the recipe 'int4-g32')")
+        if not uses_int4 and self.group_size is not None:
+            raise ValueError(f"recipe group_size {self.group_size} applies to int4 only; int8 uses one scale "
+                             "per output row")
+
+    @property
+    def name(self) -> str:
+        for name, recipe in NAMED_RECIPES.items():
+            if recipe == self:
+                return name
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict recorded in config.json."""
+        return {"linear": self.linear, "group_size": self.group_size, "embedding": self.embedding,
+                "lm_head": self.lm_head, "version": FORMAT_VERSION}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
+        unknown = sorted(set(d) - {"linear", "group_size", "embedding", "lm_head", "version"})
+        if unknown:
+            raise ValueError(f"quantization recipe has unknown key(s) {unknown}; known: linear, group_size, "
+                             "embedding, lm_head")
+        version = d.get("version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"quantization format version {version} is not supported by this pocketllama "
+                             f"(it reads version {FORMAT_VERSION}); upgrade pocketllama or re-quantize")
+        return cls(linear=d.get("linear"), group_size=d.get("group_size"), embedding=d.get("embedding"),
+                   lm_head=d.get("lm_head"))
+
+    def spec(self, module: str, shape: tuple[int, int], tied: bool) -> QSpec | None:
+        """The storage of module `module` (HF name without `.weight`) with weight `shape` (out, in); None
+        keeps it in floating point (not covered by the recipe, or int4 groups that do not fit its shape)."""
+        kind_of = role(module)
+        if kind_of == "embedding" or (kind_of == "lm_head" and tied):
+            if tied and self.lm_head != self.embedding:
+                raise ValueError(
+                    f"this model ties its embedding and output (one table), but the recipe sets embedding="
+                    f"{self.embedding!r} and lm_head={self.lm_head!r}; set both to the same value")
+            return QSpec("int8") if self.embedding == "int8" and kind_of == "embedding" else None
+        kind = {"lm_head": self.lm_head, "linear": self.linear}.get(kind_of)
+        if kind == "int8":
+            return QSpec("int8")
+        if kind == "int4":
+            out_features, in_features = shape
+            if in_features % self.group_size or out_features % INT4_ROW_MULTIPLE:
+                return None
+            return QSpec("int4", self.group_size)
+        return None
+
+
+NAMED_RECIPES: dict[str, Recipe] = {
+    "int8": Recipe(linear="int8", embedding="int8", lm_head="int8"),
+    **{f"int4-g{g}": Recipe(linear="int4", group_size=g, embedding="int8", lm_head="int8")
+       for g in INT4_GROUP_SIZES},
+}
+
+
+def parse_recipe(value: str | dict[str, Any] | Recipe) -> Recipe:
+    """A recipe from its name (`int8`, `int4-g32`, ...), a dict, a JSON object string, or a Recipe."""
+    if isinstance(value, Recipe):
+        return value
+    if isinstance(value, dict):
+        return Recipe.from_dict(value)
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            return Recipe.from_dict(json.loads(value))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"recipe {value!r} is not valid JSON: {e}") from None
+    if isinstance(value, str) and value.lower() in NAMED_RECIPES:
+        return NAMED_RECIPES[value.lower()]
+    raise ValueError(f"unknown quantization recipe {value!r}; choose one of {', '.join(NAMED_RECIPES)} "
+                     "or give a dict like {\"linear\": \"int4\", \"group_size\": 32, \"embedding\": \"int8\", "
+                     "\"lm_head\": \"int8\"}")
+
+
+def role(module: str) -> Literal["embedding", "lm_head", "linear"] | None:
+    """What a module is to a recipe: the token table, the output projection, a block linear, or nothing."""
+    if _EMBEDDING.fullmatch(module):
+        return "embedding"
+    if _LM_HEAD.fullmatch(module):
+        return "lm_head"
+    return "linear" if _BLOCK_LINEAR.fullmatch(module) else None
+
+
+def module_of(tensor_name: str) -> str | None:
+    """`model.layers.0.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj` for quantizable weights, else None."""
+    if not tensor_name.endswith(".weight"):
+        return None
+    module = tensor_name[: -len(".weight")]
+    return module if role(module) is not None else None

@@ -1,0 +1,107 @@
+"""Quantized modules against a float reference built from their own dequantized weights (fp32: tight;
+bf16 through PyTorch's native kernels: bf16 tolerance), state-dict layout and load errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketllama.quant import Int4Linear, Int8Embedding, Int8Linear
+
+
+def _linear(k: int = 256, n: int = 192, bias: bool = False, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+def _x(*shape: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def _ref(m, x: torch.Tensor) -> torch.Tensor:
+    w = m.dequantize(torch.float32)
+    return F.linear(x.float(), w, None if m.bias is None else m.bias.float())
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 256), (2, 5, 256), (7, 256)])
+@pytest.mark.parametrize("group", [None, 32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_matches_dequantized_reference_fp32(shape, group, bias):
+    m = Int8Linear.from_float(_linear(bias=bias), group)
+    x = _x(*shape)
+    y = m(x)
+    assert y.shape == (*shape[:-1], 192) and y.dtype == torch.float32
+    torch.testing.assert_close(y, _ref(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 256), (3, 4, 256)])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_linear_matches_dequantized_reference_fp32(shape, group, bias):
+    m = Int4Linear.from_float(_linear(bias=bias), group)
+    assert m.layout == "canonical"
+    x = _x(*shape)
+    torch.testing.assert_close(m(x), _ref(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_bf16_native_kernels_match_reference_within_bf16_rounding(group, rows):
+    """bf16 activations take PyTorch's packed kernels; outputs are rounded to bf16 (2^-8 relative)."""
+    lin = _linear().to(torch.bfloat16)
+    x = _x(rows, 256, dtype=torch.bfloat16)
+    for m in (Int8Linear.from_float(lin), Int4Linear.from_float(lin, group)):
+        y = m(x)
+        assert y.dtype == torch.bfloat16
+        ref = _ref(m, x)
+        assert ((y.float() - ref).abs() <= 2**-7 * ref.abs() + 0.02).all()
+    assert Int4Linear.from_float(lin, group).layout in ("native", "canonical")
+
+
+def test_int4_state_dict_is_canonical_whatever_the_memory_layout():
+    lin = _linear().to(torch.bfloat16)
+    m = Int4Linear.from_float(lin, 32)
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "scales", "zeros"}
+    assert sd["weight"].shape == (192, 128) and sd["scales"].shape == (192, 8)
+    fresh = Int4Linear(256, 192, group_size=32, device="meta")
+    fresh.load_state_dict(sd, assign=True)
+    x = _x(2, 256, dtype=torch.bfloat16)
+    assert torch.equal(fresh(x), m(x))
+    for a, b in zip(fresh.state_dict().values(), sd.values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_int8_embedding_lookup_and_tied_projection():
+    torch.manual_seed(0)
+    emb = nn.Embedding(100, 64)
+    for group in (None, 32):
+        m = Int8Embedding.from_float(emb, group)
+        table = m.dequantize()
+        ids = torch.tensor([[3, 99, 0], [7, 7, 1]])
+        torch.testing.assert_close(m(ids), table[ids], rtol=0, atol=0)
+        h = _x(2, 3, 64)
+        torch.testing.assert_close(m.attend(h), h @ table.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.attend(h[:1, :1]), h[:1, :1] @ table.T, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_a_mismatched_part_names_the_tensor_and_the_cause():
+    m = Int4Linear(256, 192, group_size=32, device="meta")
+    sd = Int4Linear.from_float(_linear(), 64).state_dict()  # group 64: scales (192, 4) instead of (192, 8)
+    with pytest.raises(RuntimeError, match=r"scales: expected float \(192, 8\), got torch.float32 \(192, 4\)"):
+        m.load_state_dict(sd, assign=True)
+    sd = Int8Linear.from_float(_linear()).state_dict()
+    sd["weight"] = sd["weight"].float()
+    with pytest.raises(RuntimeError, match=r"weight: expected int8 \(192, 256\), got torch.float32"):
+        Int8Linear(256, 192, device="meta").load_state_dict(sd, assign=True)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"zeros\""):
+        sd = Int4Linear.from_float(_linear(), 32).state_dict()
+        del sd["zeros"]
+        Int4Linear(256, 192, group_size=32, device="meta").load_state_dict(sd, assign=True)
+
+
+def test_int4_linear_rejects_groups_that_do_not_divide_the_row():
+    with pytest.raises(ValueError, match="in_features 160 is not a multiple of group_size 64"):
+        Int4Linear(160, 64, group_size=64)
