@@ -202,3 +202,15 @@ def test_errors(tiny):
         model.encode_images(images, [prompt(10, [3]), prompt(10, [3])])
     with pytest.raises(ValueError, match=r"prompt row 0 has 2 <\|image\|> tokens \(id 300\) but 1 images"):
         model.encode_images(images, [prompt(10, [3, 7])])
+
+
+def test_bf16_close_to_reference_bf16(tmp_path):
+    """bf16 against transformers in bf16: same rounding points, so only accumulation order differs."""
+    ref = save_mllama(tmp_path).to(torch.bfloat16)
+    model, _ = load_model(tmp_path, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and model.vision_model.patch_embedding.weight.dtype == torch.bfloat16
+    rows = [prompt(30, [6])]
+    images = MllamaImageProcessor(tile_size=TILE)([[PICTURES[0]]])
+    got, expected = our_logits(model, rows, images).float(), hf_logits(ref, rows, images).float()
+    torch.testing.assert_close(got, expected, atol=6e-2, rtol=2e-2)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
