@@ -79,7 +79,9 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_heads != self.n_kv
         if ctx.cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)  # (B, H, T, hd)
+            # causal, or the caller's mask (packed training rows: block-diagonal causal)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None and T > 1,
+                                                 enable_gqa=gqa)  # (B, H, T, hd)
         else:
             ctx.cache.update(self.layer_idx, ctx.rows, ctx.positions, k, v)
             keys = ctx.window(ctx.cache.keys[self.layer_idx])  # (B, KV, S, hd)
@@ -134,12 +136,18 @@ class _StepContext:
 
     `cache_rows` (B,) maps input rows to cache rows (continuous batching runs any subset of the cache's
     sequences); None means input row b is cache row b and the batch covers the whole cache.
+    `attn_mask` (B, 1, T, T) bool replaces the causal mask of a whole-sequence forward (no cache).
     """
 
-    def __init__(self, positions: torch.Tensor, cache: KVCache | None, cache_rows: torch.Tensor | None) -> None:
+    def __init__(self, positions: torch.Tensor, cache: KVCache | None, cache_rows: torch.Tensor | None,
+                 attn_mask: torch.Tensor | None = None) -> None:
         self.cache, self.positions = cache, positions
-        self.rows = self.mask = self.cache_rows = None
+        self.rows = self.cache_rows = None
+        self.mask = attn_mask
         self.kv_len = 0
+        if attn_mask is not None and cache is not None:
+            raise ValueError("attn_mask applies to a whole-sequence forward; with a KV cache the mask comes from "
+                             "positions (pass cache=None to use attn_mask)")
         if cache is not None:
             B = positions.shape[0]
             if cache_rows is None and B != cache.batch_size:
@@ -176,10 +184,10 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                cache_rows: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rotary_emb(positions, h.dtype)
-        ctx = _StepContext(positions, cache, cache_rows)
+        ctx = _StepContext(positions, cache, cache_rows, attn_mask)
         for layer in self.layers:
             h = layer(h, cos, sin, ctx)
         return self.norm(h)
@@ -206,17 +214,19 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                cache_rows: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab) in the model dtype.
 
         positions (B, T): absolute positions (default 0..T-1); with `cache`, K/V are written at those slots.
         logits_at (B,): compute logits only at this index of each row -> (B, 1, vocab) (prefill saves the
         vocab projection of every prompt token but the last).
         cache_rows (B,): which cache row each input row uses (default: row b <-> cache row b, all rows).
+        attn_mask (B, 1, T, T) bool, True = may attend: replaces the causal mask when cache is None (packed
+        training rows attend block-diagonally; finetune/data.py builds it).
         """
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        h = self.model(input_ids, positions, cache, cache_rows)
+        h = self.model(input_ids, positions, cache, cache_rows, attn_mask)
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]  # (B, 1, D)
         if self.config.tie_word_embeddings:
