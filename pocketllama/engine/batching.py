@@ -104,7 +104,8 @@ class _Sequence:
     """Engine-side state of one sequence: its cache row, progress, sampler, processors and stop rules."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, budget: int, tokenizer: Any,
-                 on_event: Callable[[Event], None] | None, device: torch.device) -> None:
+                 on_event: Callable[[Event], None] | None, device: torch.device,
+                 extra_processors: Sequence[LogitsProcessor] = ()) -> None:
         self.prompt, self.params, self.budget = prompt, params, budget
         self.events: queue.SimpleQueue[Event] | None = None
         if on_event is None:
@@ -112,7 +113,7 @@ class _Sequence:
             on_event = self.events.put
         self.on_event = on_event
         self.sampler: Sampler = sampler_from_params(params, make_generator(params.seed, device))
-        self.processors: list[LogitsProcessor] = make_logits_processors(params, prompt)
+        self.processors: list[LogitsProcessor] = [*make_logits_processors(params, prompt), *extra_processors]
         # ids generated so far for the processors: a fixed buffer viewed as [1, n] (no per-step concat)
         self.history = torch.zeros(1, budget, dtype=torch.long, device=device) if self.processors else None
         self.plain_greedy = params.greedy and not self.processors and not params.logprobs
@@ -257,16 +258,18 @@ class BatchEngine:
             self._check_capacity(n)
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
-               on_event: Callable[[Event], None] | None = None) -> SequenceHandle:
+               on_event: Callable[[Event], None] | None = None,
+               logits_processors: Sequence[LogitsProcessor] = ()) -> SequenceHandle:
         """Queue one sequence. max_tokens None means "until max_model_len". Raises ContextLengthError,
-        ValueError (bad token ids), QueueFullError or EngineClosedError; never blocks on the model."""
+        ValueError (bad token ids), QueueFullError or EngineClosedError; never blocks on the model.
+        `logits_processors` (stateful, one set per sequence) run after the ones `params` asks for."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         bad = [t for t in (*prompt, *params.logit_bias) if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         budget = self.check_fits(len(prompt), params.max_tokens)
-        seq = _Sequence(prompt, params, budget, self.tokenizer, on_event, self.device)
+        seq = _Sequence(prompt, params, budget, self.tokenizer, on_event, self.device, logits_processors)
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down")

@@ -302,6 +302,8 @@ async def _guarded(run: Run, request: Request) -> AsyncIterator[tuple[int, Gener
         message = internal_error_message()
         log.error("generation failed: %s", message, exc_info=e)
         raise APIError(500, message) from None
+    finally:
+        run.cancel()  # whatever ended the response, no sequence keeps running for it
 
 
 async def _stream_errors(run: Run, gen: AsyncIterator[str]) -> AsyncIterator[str]:

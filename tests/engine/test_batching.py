@@ -276,3 +276,30 @@ def test_close_fails_queued_and_running_sequences(model):
     with pytest.raises(EngineClosedError, match="shutting down"):
         engine.submit(PROMPTS[2])
     assert not engine.stats().alive
+
+
+def test_extra_logits_processors_run_per_sequence(model):
+    class Force:
+        """Stateful per-sequence processor: forces token `t` until it has been generated twice."""
+
+        def __init__(self, t: int) -> None:
+            self.t = t
+
+        def __call__(self, generated, logits):
+            if int((generated == self.t).sum()) >= 2:
+                return logits
+            out = torch.full_like(logits, -1e9)
+            out[:, self.t] = 0
+            return out
+
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    with BatchEngine(model, TOK) as engine:
+        a = engine.submit(PROMPTS[0], params, logits_processors=[Force(7)])
+        b = engine.submit(PROMPTS[1], params, logits_processors=[Force(9)])
+        c = engine.submit(PROMPTS[2], params)
+        out_a, out_b, out_c = list(a), list(b), list(c)
+    assert [r.token for r in out_a][:2] == [7, 7] and [r.token for r in out_b][:2] == [9, 9]
+    ref = single(model, PROMPTS[0], params)
+    assert summary(out_c) == summary(single(model, PROMPTS[2], params))
+    forced = list(stream_generate(model, TOK, PROMPTS[0], params, logits_processors=[Force(7)]))
+    assert summary(out_a) == summary(forced) and summary(out_a) != summary(ref)
