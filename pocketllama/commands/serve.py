@@ -28,7 +28,8 @@ def _size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pocketllama serve", description=__doc__,
-        epilog="Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, "
+        epilog="Sampling defaults come from the model's generation_config.json (else greedy); request fields "
+               "override them. Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, "
                "GET /metrics (Prometheus), GET / (web chat). Use it with the official clients: "
                "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='KEY or anything').")
     add_model_args(p)
