@@ -1,0 +1,138 @@
+"""`merge_adapter(base, adapter, out)`: fold a LoRA adapter into its base model and write an HF checkpoint.
+
+A quantized base (a recorded recipe, or GGUF Q4/Q8 blocks) is merged through float weights and re-quantized,
+then checked: merging straight into quantized weights loses small adapter updates (they round away), so the
+re-quantized model must stay much closer to the adapted model than the base model was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROBE = ("<probe> The quick brown fox jumps over the lazy dog. What is the capital of France? Answer briefly, "
+         "then explain how a rainbow forms in two sentences.")
+# Re-quantized merged logits may differ from the float merged ones by at most this share of the adapter's own
+# effect (how far the adapter moves the base model's logits); beyond it the adapter is largely lost.
+MAX_LOSS_RATIO = 0.5
+
+
+@dataclass
+class MergeReport:
+    output: Path
+    recipe: str | None  # the re-quantization recipe, None = float weights
+    adapter_effect: float  # relative logit change the adapter makes (float base -> float merged)
+    merge_error: float  # float merged vs the adapter applied unmerged (should be ~1e-6)
+    quant_error: float | None = None  # re-quantized merged vs float merged
+    top1_agreement: float | None = None  # share of probe positions whose argmax survives re-quantization
+
+    def summary(self) -> str:
+        lines = [f"merged into {self.output} ({self.recipe or 'float weights'}); adapter effect "
+                 f"{self.adapter_effect:.3g}, merge error {self.merge_error:.2g}"]
+        if self.quant_error is not None:
+            lines.append(f"re-quantized to {self.recipe}: error {self.quant_error:.3g} "
+                         f"({self.quant_error / max(self.adapter_effect, 1e-12):.0%} of the adapter effect), "
+                         f"top-1 agreement {self.top1_agreement:.0%}")
+        return "\n".join(lines)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def base_recipe(checkpoint: Any, config: Any) -> str | None:
+    """The recipe a quantized base was stored with (a GGUF's Q4 / Q8 blocks map to int4-g32 / int8)."""
+    from ..quant.handler import plan_for_gguf
+    from ..quant.recipe import Recipe
+
+    if config.quantization:
+        return Recipe.from_dict(config.quantization).name
+    if hasattr(checkpoint, "raw_tensor") and hasattr(checkpoint, "tensor_type"):
+        plan = plan_for_gguf(checkpoint)
+        if plan:
+            return "int4-g32" if any(s.kind == "int4" for s in plan.values()) else "int8"
+    return None
+
+
+def merge_adapter(base: str | os.PathLike[str] | None, adapter: str | os.PathLike[str],
+                  output: str | os.PathLike[str], *, dtype: str | None = None, quantize: str | None = "auto",
+                  check: bool = True) -> MergeReport:
+    """Write base + adapter as one checkpoint folder (config.json, model.safetensors, tokenizer files).
+
+    quantize: "auto" = as the base was stored (float stays float; a quantized base is re-quantized with its
+    recipe), "none" = float weights, or a recipe name (int8, int4-g32, ...). check: refuse a re-quantized
+    result that lost the adapter (see MAX_LOSS_RATIO); the float merge is always checked.
+    """
+    from ..llm import load
+    from ..models import config_from_hf
+    from ..quant import quantize_model
+    from ..quant.save import copy_tokenizer
+    from ..sources import resolve
+    from ..weights import open_checkpoint
+    from ..weights.safetensors import save_safetensors
+    from .lora import merge_lora
+    from .peft_format import load_adapter
+
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output {out} exists and is not an empty folder; choose a new folder")
+    checkpoint = open_checkpoint(resolve(base))
+    stored = base_recipe(checkpoint, getattr(checkpoint, "config", None) or config_from_hf(checkpoint.hf_config()))
+    recipe = stored if quantize == "auto" else (None if quantize in (None, "none", "float") else quantize)
+
+    llm = load(base, dtype=dtype, quantize=False, progress=False)
+    model = llm.model
+    ids = torch.tensor([llm.tokenizer.encode(PROBE, add_bos=llm.tokenizer.add_bos)])
+    with torch.no_grad():
+        before = model(ids)
+    load_adapter(model, adapter, dropout=0.0)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids)
+        merge_lora(model)
+        merged = model(ids)
+    report = MergeReport(out, recipe, _rel(before, adapted), _rel(merged, adapted))
+    if report.merge_error > 1e-3 and model.dtype == torch.float32:
+        raise RuntimeError(f"merging changed the model's outputs by {report.merge_error:.3g}; this is a bug")
+    if recipe is not None:
+        quantize_model(model, recipe)
+        with torch.no_grad():
+            requant = model(ids)
+        report.quant_error = _rel(requant, merged)
+        report.top1_agreement = float((requant.argmax(-1) == merged.argmax(-1)).float().mean())
+        if check and report.quant_error > MAX_LOSS_RATIO * report.adapter_effect:
+            raise ValueError(
+                f"re-quantizing the merged model to {recipe} moves its outputs by {report.quant_error:.3g}, more than "
+                f"{MAX_LOSS_RATIO:.0%} of what the adapter changes ({report.adapter_effect:.3g}): the adapter would be "
+                "largely lost. Write float weights (--quantize none), pick a finer recipe (int8), or serve the base "
+                "with the adapter unmerged (chat --adapter)")
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
+    _write_config(model.config, checkpoint, out, model.dtype)
+    copy_tokenizer(checkpoint, out)
+    source_dir = Path(checkpoint.path) if Path(checkpoint.path).is_dir() else None
+    if source_dir is not None and (source_dir / "preprocessor_config.json").is_file():
+        shutil.copyfile(source_dir / "preprocessor_config.json", out / "preprocessor_config.json")
+    return report
+
+
+def _write_config(config: Any, checkpoint: Any, out: Path, dtype: torch.dtype) -> None:
+    if hasattr(config, "to_hf"):
+        import dataclasses
+
+        d = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch.")).to_hf()
+    else:  # a vision model: the base's own config.json (same names and shapes after a float merge)
+        if getattr(config, "quantization", None) or not Path(checkpoint.path).is_dir():
+            raise ValueError("merging a Llama 3.2 Vision adapter writes float weights from an HF folder only; use "
+                             "--quantize none with an HF folder base")
+        d = checkpoint.hf_config()
+    (out / "config.json").write_text(json.dumps(d, indent=2) + "\n")
