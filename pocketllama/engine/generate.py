@@ -174,6 +174,19 @@ def generate_step(
     `prompt_ids` (the full prompt); only the rest is prefilled. Arguments are checked on call, not on the
     first `next()`. Logprobs are the model's raw distribution (before processors and temperature).
     """
+    prompt, budget, cache, start = prepare_request(model, prompt_ids, max_tokens=max_tokens, cache=cache,
+                                                   cached_tokens=cached_tokens, prefill_step_size=prefill_step_size,
+                                                   max_len=max_len, truncate=truncate, compile=compile)
+    step = DecodeStep.for_model(model, compile)
+    return _steps(model, step, prompt, sampler or greedy, list(logits_processors), budget, cache, start,
+                  prefill_step_size)
+
+
+def prepare_request(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor, *, max_tokens: int | None,
+                    cache: Any, cached_tokens: int, prefill_step_size: int, max_len: int | None,
+                    truncate: Truncate, compile: bool = False) -> tuple[list[int], int, Any, int]:
+    """Check a request and size its cache: (prompt ids, token budget, KV cache, first position to prefill).
+    Shared by `generate_step` and `speculative.speculative_generate_step`."""
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
     if max_tokens is not None and max_tokens < 1:
@@ -190,9 +203,22 @@ def generate_step(
     budget = generation_budget(len(prompt), max_tokens, context, cache)
     if cache is None:
         cache = model.make_cache(1, cache_length(len(prompt) + budget, context, compile))
-    step = DecodeStep.for_model(model, compile)
-    return _steps(model, step, prompt, sampler or greedy, list(logits_processors), budget, cache,
-                  min(cached_tokens, len(prompt) - 1), prefill_step_size)
+    return prompt, budget, cache, min(cached_tokens, len(prompt) - 1)
+
+
+def prefill(model: nn.Module, prompt: list[int], cache: Any, start: int, chunk: int) -> torch.Tensor:
+    """Write the K/V of prompt[start:] into `cache` in chunks; returns the float32 logits [1, V] of the last
+    prompt token. Call under torch.no_grad()."""
+    device = _device(model)
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    logits = None
+    for s in range(start, len(prompt), chunk):
+        e = min(s + chunk, len(prompt))
+        positions = torch.arange(s, e, device=device)[None]  # (1, e - s)
+        last = torch.tensor([e - s - 1], device=device)  # only the last row's logits are needed
+        logits = model(ids[:, s:e], positions=positions, cache=cache, logits_at=last)[:, -1].float()
+    assert logits is not None  # start < len(prompt) always
+    return logits
 
 
 def _steps(model: nn.Module, step: DecodeStep, prompt: list[int], sampler: Sampler,
@@ -209,12 +235,7 @@ def _steps(model: nn.Module, step: DecodeStep, prompt: list[int], sampler: Sampl
         return sampler(logits), logprobs  # (1,), (1, V)
 
     with torch.no_grad():
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-        for s in range(start, len(prompt), chunk):
-            e = min(s + chunk, len(prompt))
-            positions = torch.arange(s, e, device=device)[None]  # (1, e - s)
-            last = torch.tensor([e - s - 1], device=device)  # only the last row's logits are needed
-            logits = model(ids[:, s:e], positions=positions, cache=cache, logits_at=last)[:, -1].float()
+        logits = prefill(model, prompt, cache, start, chunk)
         y, logprobs = pick(logits, 0)
         position = torch.full((1, 1), len(prompt), dtype=torch.long, device=device)  # (1, 1), bumped on device
 
@@ -252,6 +273,12 @@ class GenerationResponse:
     generation_time: float
     peak_memory: float | None = None  # GB: CUDA max allocated, or the process's peak RSS on CPU
     cached_tokens: int = 0
+    draft_tokens: int = 0  # speculative decoding: drafted tokens the target checked so far ...
+    accepted_tokens: int = 0  # ... and how many of them it kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -281,6 +308,8 @@ def stream_generate(
     compile: bool = False,
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
+    drafter: Any = None,
+    num_draft: int = 8,
 ) -> Iterator[GenerationResponse]:
     """Generate for one prompt (ids, or text encoded with the tokenizer's BOS convention) under `params`.
 
@@ -288,20 +317,38 @@ def stream_generate(
     token's text is not emitted -- at a stop string (held back until it can no longer start one; the text
     before it is emitted, the stop string and anything after it never are), or after max_tokens / at the
     context limit ("length"). `sampler` / `logits_processors` override the ones built from params.
+
+    drafter (see engine/drafters.py): speculative decoding with up to `num_draft` tokens per round; the same
+    tokens under greedy decoding, the same distribution under sampling (it draws from params, so it takes no
+    `sampler`). Responses then count draft_tokens / accepted_tokens.
     """
     params = params or SamplingParams()
     device = _device(model)
     context = context_limit(model, max_len)
     prompt_ids = _fit_cached_prompt(_encode_prompt(tokenizer, prompt), context, params.max_tokens, truncate,
                                     cached_tokens)
-    if sampler is None:
-        sampler = sampler_from_params(params, make_generator(params.seed, device))
+    if drafter is not None and sampler is not None:
+        raise ValueError("speculative decoding draws from the distribution SamplingParams describe; pass params "
+                         "(temperature, top_p, ...) instead of a sampler, or drop the drafter")
     if logits_processors is None:
         logits_processors = make_logits_processors(params, prompt_ids)
     tic = time.perf_counter()
-    steps = generate_step(model, prompt_ids, sampler=sampler, logits_processors=logits_processors,
-                          max_tokens=params.max_tokens, cache=cache, cached_tokens=cached_tokens,
-                          prefill_step_size=prefill_step_size, max_len=context, compile=compile)
+    spec = None
+    if drafter is not None:
+        from .speculative import speculative_generate_step
+
+        steps: Any = speculative_generate_step(
+            model, prompt_ids, drafter, params=params, logits_processors=logits_processors,
+            generator=make_generator(params.seed, device), max_tokens=params.max_tokens, cache=cache,
+            cached_tokens=cached_tokens, prefill_step_size=prefill_step_size, max_len=context, compile=compile,
+            num_draft=num_draft)
+        spec = steps.stats
+    else:
+        if sampler is None:
+            sampler = sampler_from_params(params, make_generator(params.seed, device))
+        steps = generate_step(model, prompt_ids, sampler=sampler, logits_processors=logits_processors,
+                              max_tokens=params.max_tokens, cache=cache, cached_tokens=cached_tokens,
+                              prefill_step_size=prefill_step_size, max_len=context, compile=compile)
     budget = generation_budget(len(prompt_ids), params.max_tokens, context, cache)
     stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.stop_ids))
     detok = tokenizer.detokenizer()
@@ -339,6 +386,7 @@ def stream_generate(
             generation_tps=n / gen_time if gen_time > 0 else 0.0,
             prompt_time=prompt_time, generation_time=gen_time,
             peak_memory=peak_memory_gb(device), cached_tokens=len(prompt_ids) - prefilled,
+            draft_tokens=spec.drafted if spec else 0, accepted_tokens=spec.accepted if spec else 0,
         )
         if finish is not None:
             break
@@ -361,29 +409,41 @@ class GenerationResult:
     cached_tokens: int = 0
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = field(default=None)
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @classmethod
+    def join(cls, responses: Iterable[GenerationResponse], params: SamplingParams) -> GenerationResult:
+        """Join a stream of responses (from `stream_generate` under `params`) into one result."""
+        texts: list[str] = []
+        tokens: list[int] = []
+        lps: list[float] = []
+        tops: list[list[tuple[int, float]]] = []
+        last: GenerationResponse | None = None
+        for last in responses:
+            texts.append(last.text)
+            tokens.append(last.token)
+            if last.logprob is not None:
+                lps.append(last.logprob)
+            if last.top_logprobs is not None:
+                tops.append(last.top_logprobs)
+        assert last is not None and last.finish_reason is not None  # the budget is always >= 1
+        return cls(
+            text="".join(texts), tokens=tokens, finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens, generation_tokens=last.generation_tokens,
+            prompt_tps=last.prompt_tps, generation_tps=last.generation_tps, prompt_time=last.prompt_time,
+            generation_time=last.generation_time, peak_memory=last.peak_memory, cached_tokens=last.cached_tokens,
+            logprobs=lps if params.logprobs else None, top_logprobs=tops if params.top_logprobs else None,
+            draft_tokens=last.draft_tokens, accepted_tokens=last.accepted_tokens,
+        )
 
 
 def generate(model: nn.Module, tokenizer: Any, prompt: str | Sequence[int] | torch.Tensor,
              params: SamplingParams | None = None, **kwargs: Any) -> GenerationResult:
     """Run `stream_generate` to the end and join it; kwargs go to stream_generate."""
     params = params or SamplingParams()
-    texts: list[str] = []
-    tokens: list[int] = []
-    lps: list[float] = []
-    tops: list[list[tuple[int, float]]] = []
-    last: GenerationResponse | None = None
-    for last in stream_generate(model, tokenizer, prompt, params, **kwargs):
-        texts.append(last.text)
-        tokens.append(last.token)
-        if last.logprob is not None:
-            lps.append(last.logprob)
-        if last.top_logprobs is not None:
-            tops.append(last.top_logprobs)
-    assert last is not None and last.finish_reason is not None  # the budget is always >= 1
-    return GenerationResult(
-        text="".join(texts), tokens=tokens, finish_reason=last.finish_reason,
-        prompt_tokens=last.prompt_tokens, generation_tokens=last.generation_tokens,
-        prompt_tps=last.prompt_tps, generation_tps=last.generation_tps, prompt_time=last.prompt_time,
-        generation_time=last.generation_time, peak_memory=last.peak_memory, cached_tokens=last.cached_tokens,
-        logprobs=lps if params.logprobs else None, top_logprobs=tops if params.top_logprobs else None,
-    )
+    return GenerationResult.join(stream_generate(model, tokenizer, prompt, params, **kwargs), params)
