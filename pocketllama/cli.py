@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "perplexity": ("pocketllama.commands.perplexity", "perplexity of a model over a text file (sliding window)"),
     "guard": ("pocketllama.commands.guard", "moderate a prompt or answer with Llama Guard 3 (one, or a JSONL batch)"),
     "serve": ("pocketllama.commands.serve", "OpenAI-compatible server with continuous batching and a web chat page"),
+    "cache-prompt": ("pocketllama.commands.cache_prompt", "prefill a prompt once and save its KV cache (--prompt-cache)"),
     "finetune": ("pocketllama.commands.finetune", "fine-tune on JSONL chats: LoRA, QLoRA or full; torchrun for many processes"),
     "merge": ("pocketllama.commands.merge", "fold a LoRA adapter into its base model and write an HF checkpoint"),
 }

@@ -27,6 +27,11 @@ class LLM:
     chat_template: str | None = None
     load_seconds: float = 0.0
     _chat_format: Any = field(default=None, repr=False)
+    # Speculative decoding and prompt caching (engine/speculative.py, engine/prefix_cache.py):
+    draft: Any = None  # a drafter (see `load(draft=...)`); every generation then speculates
+    num_draft: int = 8  # most tokens drafted per round
+    prompt_cache: bool = True  # keep the last request's KV cache; a prompt sharing its prefix skips that prefill
+    _session: Any = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -88,8 +93,32 @@ class LLM:
         if logits_processors:
             ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos) if isinstance(prompt, str) else prompt
             processors = make_logits_processors(params, ids) + list(logits_processors)
-        yield from stream_generate(self.model, self.tokenizer, prompt, params, truncate=truncate, compile=compile,
-                                   logits_processors=processors)
+        extra: dict[str, Any] = {"drafter": self.draft, "num_draft": self.num_draft} if self.draft is not None else {}
+        if not self.prompt_cache or getattr(self.config, "model_type", "llama") != "llama":
+            yield from stream_generate(self.model, self.tokenizer, prompt, params, truncate=truncate,
+                                       compile=compile, logits_processors=processors, **extra)
+            return
+        ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos) if isinstance(prompt, str) else prompt
+        yield from self.session.stream(self.tokenizer, ids, params, truncate=truncate, compile=compile,
+                                       logits_processors=processors, **extra)
+
+    @property
+    def session(self):
+        """The `SessionCache` that `stream` reuses: the KV of the last prompt + answer (multi-turn chat)."""
+        if self._session is None:
+            from .engine.prefix_cache import SessionCache
+
+            self._session = SessionCache(self.model)
+        return self._session
+
+    def load_prompt_cache(self, path: str | os.PathLike[str]):
+        """Install a prefix saved by `pocketllama cache-prompt` (refused if made for another model or tokenizer);
+        later prompts that start with its ids skip prefilling them. Returns the `PromptCacheFile`."""
+        from .engine.prefix_cache import load_prompt_cache
+
+        cached = load_prompt_cache(path, self.model, self.tokenizer)
+        cached.install(self.session)
+        return cached
 
     def generate(self, prompt: str | list[int], *, truncate: str = "error", compile: bool = False,
                  **sampling: Any):
@@ -97,10 +126,12 @@ class LLM:
 
         >>> llm.generate("The capital of France is", max_tokens=8).text  # doctest: +SKIP
         """
-        from .engine.generate import generate
+        from .engine.generate import GenerationResult, generate
 
-        return generate(self.model, self.tokenizer, prompt, self.sampling_params(**sampling),
-                        truncate=truncate, compile=compile)
+        params = self.sampling_params(**sampling)
+        if self.draft is None and not self.prompt_cache:
+            return generate(self.model, self.tokenizer, prompt, params, truncate=truncate, compile=compile)
+        return GenerationResult.join(self.stream(prompt, truncate=truncate, compile=compile, **sampling), params)
 
     def stream_chat(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None,
                     tool_choice: Any = None, date_string: str | None = None, **kwargs: Any) -> Iterator[Any]:
@@ -157,7 +188,7 @@ class LLM:
 
 def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool | None = None, quantize: Any = None,
-         context: int | None = None) -> LLM:
+         context: int | None = None, draft: Any = None, num_draft: int = 8) -> LLM:
     """Load a model from a folder (HF or Meta), a .gguf file, an HF cache repo id or an alias.
 
     >>> llm = pocketllama.load("smollm2-135m")                      # doctest: +SKIP
@@ -169,15 +200,24 @@ def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dty
     a recipe such as "int8" or "int4-g32" quantizes float weights while loading; False loads float weights.
     context: tokens the memory check budgets a KV cache for (default min(4096, the model's context));
     a load whose estimate exceeds MemAvailable is refused with a suggestion (quant/memory.py).
+    draft: speculative decoding (same output, sooner): a draft model source or `LLM` with the same tokenizer,
+    "self-int4" (this checkpoint quantized to int4 drafts for itself) or "prompt-lookup" (n-grams of the
+    prompt; no second model); num_draft: most tokens drafted per round. See engine/drafters.py.
     """
     start = time.perf_counter()
     model, checkpoint = load_model(source, dtype=dtype, device=device, progress=progress, quantize=quantize,
                                    context=context)
     tokenizer = checkpoint.load_tokenizer()
-    return LLM(model=model, tokenizer=tokenizer, config=model.config, source=checkpoint.path,
-               generation_config=checkpoint.generation_config(),
-               chat_template=checkpoint.chat_template() or getattr(tokenizer, "chat_template", None),
-               load_seconds=time.perf_counter() - start)
+    llm = LLM(model=model, tokenizer=tokenizer, config=model.config, source=checkpoint.path,
+              generation_config=checkpoint.generation_config(),
+              chat_template=checkpoint.chat_template() or getattr(tokenizer, "chat_template", None),
+              load_seconds=time.perf_counter() - start, num_draft=num_draft)
+    if draft is not None:
+        from .engine.drafters import make_drafter
+
+        llm.draft = make_drafter(draft, llm, device=device)
+        llm.load_seconds = time.perf_counter() - start
+    return llm
 
 
 def load_model(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,

@@ -4,6 +4,10 @@
     pocketllama chat -m MODEL "What is 2+2?"       # prints only the answer
     echo "What is 2+2?" | pocketllama chat         # question from stdin
     pocketllama chat -m VISION_MODEL --image photo.jpg "Describe this image"   # Llama 3.2 Vision
+    pocketllama chat -m MODEL --draft-model self-int4          # speculative decoding: same answers, sooner
+    pocketllama chat -m MODEL --prompt-cache system.kv         # system prompt prefilled by `cache-prompt --system`
+
+Each turn reuses the KV cache of the conversation so far: only the new message is prefilled.
 """
 
 from __future__ import annotations
@@ -11,7 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_args, add_sampling_args, cli_errors, load_from_args, sampling_kwargs
+from .common import (
+    add_model_args,
+    add_sampling_args,
+    add_speculation_args,
+    cli_errors,
+    load_from_args,
+    sampling_kwargs,
+)
 from .generate import stats_line
 
 HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), "
@@ -28,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, metavar="PATH",
                    help="attach an image to the (first) question; needs a Llama 3.2 Vision model")
     add_sampling_args(p)
+    add_speculation_args(p)
     p.add_argument("--stats", action="store_true", help="one-shot: print token counts and tokens/s to stderr")
     return p
 
@@ -74,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
         load_image(args.image)
     llm = load_from_args(args)
+    if args.prompt_cache:
+        meta = llm.load_prompt_cache(args.prompt_cache).metadata
+        if meta.get("kind") != "system":
+            raise ValueError(f"prompt cache {args.prompt_cache} holds a plain-text prefix; for chat, make one from "
+                             "the system prompt with `pocketllama cache-prompt --system`")
+        args.system = args.system if args.system is not None else meta.get("system")
+        args.date = args.date if args.date is not None else meta.get("date")
     session = ChatSession(llm, args.system, args.date, sampling_kwargs(args), args.compile)
     session.image = args.image
     if question:

@@ -32,6 +32,27 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 
 
+def add_speculation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding and prompt caching (the same output, sooner)")
+    g.add_argument("--draft-model", default=None, metavar="M",
+                   help="draft model with the same tokenizer (folder, .gguf, alias), or self-int4 / self-int8: "
+                        "this model, quantized, drafts for itself")
+    g.add_argument("--prompt-lookup", action="store_true",
+                   help="draft by n-gram lookup in the prompt (summaries, code edits); no second model")
+    g.add_argument("--num-draft", type=int, default=8, metavar="K",
+                   help="most tokens drafted per round, 1-15 (adapted to the acceptance rate; default 8)")
+    g.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="a prefix saved by `pocketllama cache-prompt`: prompts that start with it skip its prefill")
+
+
+def draft_from_args(args: argparse.Namespace) -> str | None:
+    """The `load(draft=...)` value the speculation flags ask for (None without them)."""
+    lookup, model = getattr(args, "prompt_lookup", False), getattr(args, "draft_model", None)
+    if lookup and model:
+        raise ValueError("--draft-model and --prompt-lookup are alternatives; pass one of them")
+    return "prompt-lookup" if lookup else model
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed", "stop")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
@@ -44,7 +65,9 @@ def load_from_args(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=args.dtype, device=args.device)
+    draft = draft_from_args(args)
+    extra = {"draft": draft, "num_draft": args.num_draft} if draft is not None else {}
+    return load(args.model, dtype=args.dtype, device=args.device, **extra)
 
 
 def cli_errors(fn: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
