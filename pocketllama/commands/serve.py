@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled per engine step between decode steps; bounds how long a new "
                         "prompt stalls running streams (default 256)")
+    g = p.add_argument_group("moderation (Llama Guard 3)")
+    g.add_argument("--guard", default=None, metavar="MODEL",
+                   help="a Llama Guard 3 model, loaded beside the chat model: enables POST /v1/moderations")
+    g.add_argument("--shield", default=None, metavar="input,output",
+                   help="screen chat requests before generation (input) and answers before they leave (output; "
+                        "streams in chunks) with --guard; flagged ones end with finish_reason content_filter")
+    g.add_argument("--shield-message", default=None, metavar="TEXT",
+                   help="the assistant text sent instead of a flagged request or answer")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="server log level; 'info' also logs every request (default warning)")
     return p
@@ -95,7 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.generate import peak_memory_gb
     from ..server import create_app
 
+    if args.shield and not args.guard:
+        raise ValueError("--shield needs a guard model: add --guard MODEL (e.g. meta-llama/Llama-Guard-3-1B)")
     llm = load_from_args(args)
+    guard = None
+    if args.guard:
+        from ..server.moderation import build_service
+
+        guard = build_service(args.guard, args.shield, dtype=args.dtype, device=args.device,
+                              refusal=args.shield_message, max_concurrency=args.max_concurrency)
     max_len = args.max_model_len or min(llm.context_length, DEFAULT_MAX_MODEL_LEN)
     if not 1 < max_len <= llm.context_length:
         raise ValueError(f"--max-model-len {max_len} must be in [2, {llm.context_length}] (the model's context)")
@@ -103,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_queue=args.max_queue, max_model_len=max_len, prefill_chunk=args.prefill_chunk)
     name = args.model or "smollm2-135m"
     app = create_app(llm, engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_size,
-                     served_names=args.served_model_name)
+                     served_names=args.served_model_name, guard=guard)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     weights = sum(t.numel() * t.element_size() for t in (*llm.model.parameters(), *llm.model.buffers()))
@@ -122,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.close()
+        if guard is not None and guard.engine is not None:
+            guard.engine.close()
     return 0
 
 

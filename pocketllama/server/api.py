@@ -21,7 +21,9 @@ from ..engine.batching import ContextLengthError, EngineClosedError, Event, Queu
 from ..engine.generate import GenerationResponse
 from ..engine.sampling import SamplingParams
 from .errors import APIError, error_body, internal_error_message, log
+from .moderation import Shield
 from .schemas import HARMLESS, IGNORED, UNSUPPORTED, ChatCompletionRequest, CompletionRequest
+from .tools_api import ToolCallError, ToolContext, check_tool_calls
 
 router = APIRouter()
 FINGERPRINT = "pocketllama"
@@ -87,13 +89,17 @@ class Run:
         self.start = time.perf_counter()
         self.last: dict[int, float] = {}
 
-    def submit(self, jobs: list[tuple[list[int], SamplingParams]]) -> None:
-        """Queue every (prompt, params) as choice 0.. ; all or nothing (400 / 429 / 503 on failure)."""
+    def submit(self, jobs: list[tuple[list[int], SamplingParams]],
+               processors: Callable[[], list[Any]] | None = None) -> None:
+        """Queue every (prompt, params) as choice 0.. ; all or nothing (400 / 429 / 503 on failure).
+        `processors()` makes each sequence's own extra logits processors (tool_choice's forced call)."""
         engine = self.state.engine
         try:
             engine.check_capacity(len(jobs))
             for index, (prompt, params) in enumerate(jobs):
-                self.handles.append(engine.submit(prompt, params, on_event=self._sink(index)))
+                extra = processors() if processors is not None else []
+                self.handles.append(engine.submit(prompt, params, on_event=self._sink(index),
+                                                  logits_processors=extra))
         except QueueFullError as e:
             self.cancel()
             raise APIError(429, str(e), code="rate_limit_exceeded",
@@ -186,6 +192,7 @@ class _Choice:
     logprobs: list[Any] = field(default_factory=list)
     finish_reason: str | None = None
     tokens: int = 0
+    last: Any = None  # the final GenerationResponse (tool calls: which stop token ended it)
     offset: int = 0  # text offset for legacy completion logprobs
 
 
@@ -242,13 +249,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = request.app.state.pocketllama
     name = check_model(state, body.model)
     reject_unsupported(body)
+    tools = ToolContext.from_request(state.llm, body)  # tools / tool_choice (server/tools_api.py)
     messages = []
     for i, m in enumerate(body.messages):
-        for name in ("tool_calls", "function_call"):
-            if (m.model_extra or {}).get(name):
-                raise APIError(400, f"messages[{i}].{name}: tool calling is not supported yet by pocketllama; "
-                                    "send the assistant turn as plain content", param=f"messages.{i}.{name}",
-                               code="unsupported_parameter")
+        if (m.model_extra or {}).get("function_call"):
+            raise APIError(400, f"messages[{i}].function_call is the legacy function-calling API, which "
+                                "pocketllama does not support; send tool_calls", param=f"messages.{i}.function_call",
+                           code="unsupported_parameter")
+        check_tool_calls(m.model_extra or {}, i)
         msg = {**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role}
         try:
             msg["content"] = content_text(m.content, where=f"messages[{i}]")
@@ -258,7 +266,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             msg["name"] = m.name
         messages.append(msg)
     try:
-        prompt = state.llm.chat_format.encode(messages, add_generation_prompt=True)
+        prompt = tools.prompt(messages)
     except ValueError as e:
         raise APIError(400, f"the messages cannot be formatted for this model: {e}", param="messages",
                        code="invalid_value") from None
@@ -268,28 +276,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = sampling_params(state, body, max_tokens, len(prompt), body.logprobs, body.top_logprobs or 0)
     jobs = [(prompt, params if params.seed is None else params.replace(seed=params.seed + i))
             for i in range(body.n)]
-    run = Run(state)
-    run.submit(jobs)
-    state.metrics.tokens(len(prompt), 0)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
             "system_fingerprint": FINGERPRINT}
+    shield = Shield(getattr(request.app.state, "pocketllama_guard", None), messages)  # server/moderation.py
+    refused = await shield.screen_input(base, body.n, body.stream, len(prompt))
+    if refused is not None:
+        return EventStream(refused, lambda: None) if body.stream else JSONResponse(refused)
+    run = Run(state)
+    run.submit(jobs, tools.processors)
+    state.metrics.tokens(len(prompt), 0)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(_chat_stream(state, run, base, params, len(prompt), body.n, usage), run.cancel)
+        events = shield.events(run.events(), run.cancel)
+        return EventStream(_chat_stream(state, run, base, params, len(prompt), body.n, usage, tools, events),
+                           run.cancel)
     choices = [_Choice() for _ in range(body.n)]
     async for index, r in _guarded(run, request):
         c = choices[index]
         c.text.append(r.text)
-        c.tokens, c.finish_reason = r.generation_tokens, r.finish_reason
+        c.tokens, c.finish_reason, c.last = r.generation_tokens, r.finish_reason, r
         if r.logprob is not None and not _is_stop_token(state, r, params):
             c.logprobs.append(chat_logprob(state, r))
+    out = []
+    for i, c in enumerate(choices):
+        message, finish = tools.message("".join(c.text), c.last)
+        message, finish = await shield.check_choice("".join(c.text), message, finish)
+        out.append({"index": i, "message": message, "logprobs": {"content": c.logprobs} if body.logprobs else None,
+                    "finish_reason": finish})
     return JSONResponse({
-        **base, "object": "chat.completion",
-        "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-                     "logprobs": {"content": c.logprobs} if body.logprobs else None,
-                     "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+        **base, "object": "chat.completion", "choices": out,
         "usage": _usage(len(prompt), sum(c.tokens for c in choices)),
+        **({"moderation": shield.report()} if shield.report() else {}),
     })
 
 
@@ -320,26 +338,43 @@ async def _stream_errors(run: Run, gen: AsyncIterator[str]) -> AsyncIterator[str
 
 
 def _chat_stream(state: Any, run: Run, base: dict[str, Any], params: SamplingParams, prompt_len: int,
-                 n: int, include_usage: bool) -> AsyncIterator[str]:
+                 n: int, include_usage: bool, tools: ToolContext | None = None,
+                 events: AsyncIterator[tuple[int, GenerationResponse]] | None = None) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(choice: dict[str, Any]) -> str:
-        return sse({**base, "choices": [choice], **extra})
+    def chunk(choice: dict[str, Any], **fields: Any) -> str:
+        return sse({**base, "choices": [choice], **extra, **fields})
 
     async def gen() -> AsyncIterator[str]:
         for i in range(n):
             yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None})
         completion = 0
-        async for index, r in run.events():
+        streamers = {i: tools.streamer() for i in range(n)} if tools is not None else {}
+        async for index, r in events if events is not None else run.events():
             lp = None
             if r.logprob is not None and not _is_stop_token(state, r, params):
                 lp = {"content": [chat_logprob(state, r)]}
-            if r.text or lp is not None:
-                yield chunk({"index": index, "delta": {"content": r.text}, "logprobs": lp, "finish_reason": None})
-            if r.finish_reason is not None:
+            streamer, finish = streamers.get(index), r.finish_reason
+            if streamer is not None and finish != "content_filter":  # tool calls: text until a call shows
+                deltas = streamer.feed(r.text)
+                if finish is not None:
+                    try:
+                        tail, finish = tools.finish_stream(streamer, r)
+                    except ToolCallError as e:
+                        yield sse(error_body(422, str(e), "tool_choice", "tool_call_failed"))
+                        return
+                    deltas += tail
+            else:
+                deltas = [{"content": r.text}] if r.text or lp is not None else []
+            for delta in deltas:
+                yield chunk({"index": index, "delta": delta, "logprobs": lp, "finish_reason": None})
+                lp = None
+            if finish is not None:
                 completion += r.generation_tokens
-                yield chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": r.finish_reason})
+                report = getattr(r, "moderation", None)  # the output shield cut this choice
+                yield chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish},
+                            **({"moderation": report} if report else {}))
         if include_usage:
             yield sse({**base, "choices": [], "usage": _usage(prompt_len, completion)})
         yield sse("[DONE]")

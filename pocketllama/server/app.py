@@ -19,10 +19,12 @@ from ..engine.batching import BatchEngine
 from .api import check_model, router
 from .errors import error_body, install_error_handlers, internal_error_message, log
 from .metrics import Metrics
+from .moderation import router as moderation_router
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
-ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+          "/v1/moderations"}
 
 
 @dataclass
@@ -38,15 +40,19 @@ class ServerState:
 
 
 def create_app(llm: Any, engine: BatchEngine, *, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY, served_names: list[str] | None = None) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY, served_names: list[str] | None = None,
+               guard: Any = None) -> FastAPI:
     """The app for one model served by a started `engine`. `api_key` (if set) is required as a Bearer token on
-    every /v1 route; bodies above `max_body_bytes` get 413."""
+    every /v1 route; bodies above `max_body_bytes` get 413. `guard` (a moderation.GuardService) serves
+    /v1/moderations and the chat shields."""
     app = FastAPI(title="pocketllama", docs_url=None, redoc_url=None, openapi_url=None)  # docs need a CDN
     state = ServerState(llm=llm, engine=engine, model_names=[model_name, *(served_names or [])],
                         api_key=api_key or None)
     app.state.pocketllama = state
     install_error_handlers(app)
     app.include_router(router)
+    app.state.pocketllama_guard = guard
+    app.include_router(moderation_router)
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "pocketllama",

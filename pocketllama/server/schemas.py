@@ -56,6 +56,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Tool calling (server/tools_api.py): checked there, with errors that name the tool.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -70,9 +74,6 @@ class CompletionRequest(_SamplingFields):
 # Fields of the OpenAI API that pocketllama does not implement (yet): a request that sets them gets a 400
 # saying so, never a 200 that silently ignores them. Value: why, and what to do instead.
 UNSUPPORTED: dict[str, str] = {
-    "tools": "tool calling is not supported yet; remove 'tools'",
-    "tool_choice": "tool calling is not supported yet; remove 'tool_choice'",
-    "parallel_tool_calls": "tool calling is not supported yet; remove 'parallel_tool_calls'",
     "functions": "function calling is not supported; remove 'functions'",
     "function_call": "function calling is not supported; remove 'function_call'",
     "response_format": "structured output (response_format json_object / json_schema) is not supported yet; "
@@ -93,7 +94,6 @@ HARMLESS: dict[str, Any] = {
     "response_format": [{"type": "text"}],
     "modalities": [["text"]],
     "store": [False],
-    "tool_choice": ["none"],
     "echo": [False],
 }
 
