@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = f"[{host}]" if ":" in host else host
     weights = sum(t.numel() * t.element_size() for t in (*llm.model.parameters(), *llm.model.buffers()))
     print(f"pocketllama serve: http://{shown}:{port}  (web chat at /, OpenAI API at /v1)\n"
-          f"  model: {name} ({llm.source}), {llm.dtype}, loaded in {llm.load_seconds:.1f} s\n"
+          f"  model: {name}{'' if str(llm.source) == name else f' ({llm.source})'}, {llm.dtype}, loaded in "
+          f"{llm.load_seconds:.1f} s\n"
           f"  context length: {llm.context_length} tokens; serving up to {max_len} per sequence "
           f"(--max-model-len), {args.max_concurrency} at once, {args.max_queue} queued\n"
           f"  memory: weights {_gb(weights)}, KV cache {_gb(engine.cache.nbytes)}, process peak "

@@ -27,10 +27,16 @@ def client(server) -> OpenAI:
 
 
 def reference(messages, **sampling):
-    """The library's answer to the same request (same chat format, SamplingParams, stop rules)."""
-    llm = smollm2()
-    ids = llm.apply_chat_template(messages)
-    return ids, llm.generate(ids, **sampling)
+    """The library's answer to the same request (same chat format, SamplingParams, stop rules); memoized."""
+    key = json.dumps([messages, sampling], sort_keys=True)
+    if key not in _REFERENCES:
+        llm = smollm2()
+        ids = llm.apply_chat_template(messages)
+        _REFERENCES[key] = ids, llm.generate(ids, **sampling)
+    return _REFERENCES[key]
+
+
+_REFERENCES: dict[str, tuple] = {}
 
 
 def test_chat_answer_and_usage_equal_the_library_generation(client):
@@ -106,19 +112,19 @@ def test_chat_logprobs_match_the_model_distribution(client):
 
 def test_seeded_sampling_is_deterministic_and_n_choices_differ(client):
     kw = dict(model="smollm2-135m", messages=[{"role": "user", "content": "Tell me a fun fact."}],
-              max_tokens=12, temperature=1.0, top_p=0.95)
+              max_tokens=8, temperature=1.0, top_p=0.95)
     a = client.chat.completions.create(seed=1234, **kw)
     b = client.chat.completions.create(seed=1234, **kw)
     c = client.chat.completions.create(seed=99, **kw)
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.choices[0].message.content != c.choices[0].message.content
-    _, ref = reference(kw["messages"], max_tokens=12, temperature=1.0, top_p=0.95, seed=1234)
+    _, ref = reference(kw["messages"], max_tokens=8, temperature=1.0, top_p=0.95, seed=1234)
     assert a.choices[0].message.content == ref.text
     two = client.chat.completions.create(seed=1234, n=2, **kw)
     assert [ch.index for ch in two.choices] == [0, 1]
     assert two.choices[0].message.content == a.choices[0].message.content  # choice i uses seed + i
     assert two.choices[1].message.content != two.choices[0].message.content
-    one, other = (reference(kw["messages"], max_tokens=12, temperature=1.0, top_p=0.95, seed=s)[1]
+    one, other = (reference(kw["messages"], max_tokens=8, temperature=1.0, top_p=0.95, seed=s)[1]
                   for s in (1234, 1235))
     assert other.text == two.choices[1].message.content
     assert two.usage.completion_tokens == len(one.tokens) + len(other.tokens)  # usage sums the choices

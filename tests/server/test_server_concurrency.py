@@ -19,7 +19,7 @@ QUESTIONS = [
     "Which animal says moo?", "What is the freezing point of water?", "Name a musical instrument.",
     "What language is spoken in Brazil?",
 ]
-MAX_TOKENS = 10
+MAX_TOKENS = 8
 
 
 async def _stream_all(base_url: str, questions: list[str]) -> list[tuple[str, str, int]]:

@@ -18,7 +18,7 @@ KEY = "sekret-key-123"
 
 @pytest.fixture(scope="module")
 def server():
-    s = start_server(tiny(), max_concurrency=2, max_queue=1, max_model_len=2048, max_body_bytes=64 * 1024)
+    s = start_server(tiny(), max_concurrency=2, max_queue=1, max_model_len=8192, max_body_bytes=64 * 1024)
     yield s
     s.close()
 
@@ -74,17 +74,17 @@ def test_unknown_and_completion_only_fields(server, client):
 
 
 def test_context_limit_gets_400_naming_the_limit(server, client):
-    long = [{"role": "user", "content": "word " * 3000}]
+    long = [{"role": "user", "content": "word " * 9000}]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="smollm2-135m", messages=long, max_tokens=5)
     err = e.value.body
     assert err["code"] == "context_length_exceeded"
-    assert "maximum context length is 2048 tokens (max_model_len)" in err["message"]
+    assert "maximum context length is 8192 tokens (max_model_len)" in err["message"]
     assert "shorten the prompt" in err["message"]
-    err = error_of(post(server, "/chat/completions", {"messages": HI, "max_tokens": 5000}), 400)
+    err = error_of(post(server, "/chat/completions", {"messages": HI, "max_tokens": 9000}), 400)
     assert "needs" in err["message"] and "lower max_tokens" in err["message"]
-    err = error_of(post(server, "/completions", {"prompt": "x " * 3000, "max_tokens": 5}), 400)
-    assert "2048 tokens" in err["message"]
+    err = error_of(post(server, "/completions", {"prompt": "x " * 9000, "max_tokens": 5}), 400)
+    assert "8192 tokens" in err["message"]
 
 
 @pytest.mark.parametrize("body, param, text", [
@@ -155,7 +155,7 @@ def test_oversized_bodies_get_413(server):
 
 
 def test_queue_overflow_gets_429_with_retry_after(server, client):
-    body = {"messages": HI, "max_tokens": 1900, "stream": True, "ignore_eos": True}
+    body = {"messages": HI, "max_tokens": 8000, "stream": True, "ignore_eos": True}
     with contextlib.ExitStack() as stack:
         for _ in range(3):  # 2 rows + 1 queue place
             resp = stack.enter_context(httpx.stream("POST", server.base_url + "/chat/completions", json=body,
