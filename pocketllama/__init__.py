@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "load", "__version__"]
+__all__ = ["LLM", "Guard", "load", "__version__"]
 
 if TYPE_CHECKING:
+    from .guard import Guard
     from .llm import LLM, load
 
 
@@ -23,4 +24,8 @@ def __getattr__(name: str):
         from . import llm
 
         return getattr(llm, name)
+    if name == "Guard":
+        from .guard import Guard
+
+        return Guard
     raise AttributeError(f"module 'pocketllama' has no attribute {name!r}")

@@ -12,6 +12,7 @@ import torch
 from scripted_llama import save_scripted_llama
 from tokenizer_assets import llama3
 
+import pocketllama
 from pocketllama.guard import (
     NL2_ID,
     SAFE_ID,
@@ -170,7 +171,7 @@ def scripted_guards(tmp_path_factory):
     for name, chain in (("unsafe", UNSAFE_CHAIN), ("safe", SAFE_DIRECT_CHAIN)):
         path = tmp_path_factory.mktemp(f"guard_{name}")
         hf = save_scripted_llama(path, chain, scale=3.0)
-        out[name] = (Guard.load(path, dtype="float32"), hf)
+        out[name] = (pocketllama.Guard.load(path, dtype="float32"), hf)  # the public export
     return out
 
 
