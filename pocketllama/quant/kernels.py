@@ -1,14 +1,16 @@
-"""Matmul kernels for quantized weights: PyTorch's native CPU ops where they apply, exact pure-torch
-dequantize-then-matmul fallbacks elsewhere. Inputs are 2-D activations x (M, K); outputs (M, N) in x.dtype.
+"""Matmul kernels for quantized weights. Inputs are 2-D activations x (M, K); outputs (M, N) in x.dtype.
 
-Native ops (torch >= 2.6): `aten._weight_int8pack_mm` (int8, one scale per output row) and
-`aten._weight_int4pack_mm_for_cpu` (int4 groupwise, weights repacked by `_convert_weight_to_int4pack_for_cpu`;
-vectorized only for bfloat16 activations on x86, so other dtypes take the fallback).
+Decode-sized inputs (M <= SMALL_M) take, in order of preference: pocketllama's C++ GEMV (ext.py, AVX-512,
+any activation dtype, weights in the canonical layout), PyTorch's native CPU ops — `aten._weight_int8pack_mm`
+(int8, one scale per output row) and `aten._weight_int4pack_mm_for_cpu` (int4 groupwise, weights repacked by
+`_convert_weight_to_int4pack_for_cpu`; vectorized only for bfloat16 on x86) — or the exact pure-torch
+fallback. Larger inputs (prefill) dequantize row chunks and run the float GEMM, which is compute-bound anyway.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,14 @@ from .primitives import pack_int4, unpack_int4
 # Rows of dequantized weight per fallback chunk: bounds the temporary (2M fp32 values = 8 MB) when a
 # large matrix (a 128k-row vocabulary) is dequantized for one matmul.
 FALLBACK_CHUNK_VALUES = 2 * 1024 * 1024
+SMALL_M = 8  # rows of x up to which the GEMV kernels beat dequantize + GEMM
+
+
+def extension() -> Any | None:
+    """The C++ kernels (`int8_gemv`, `int4_gemv`), or None; tests patch this to exercise the other paths."""
+    from .ext import kernels
+
+    return kernels()
 
 
 def _native(name: str) -> bool:
@@ -78,8 +88,12 @@ def native_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ (weight int8 (N, K) * scales (N, G)).T -> (M, N)."""
-    if scales.shape[1] == 1 and has_native_int8() and x.dtype == scales.dtype:
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales.view(-1))
+    if x.shape[0] <= SMALL_M:
+        ext = extension()
+        if ext is not None and (x.shape[1] // scales.shape[1]) % 16 == 0:
+            return ext.int8_gemv(x, weight, scales)
+        if scales.shape[1] == 1 and has_native_int8() and x.dtype == scales.dtype:
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales.view(-1))
     return _fallback(x, weight.shape[0], lambda r0, r1: _deq_int8(weight[r0:r1], scales[r0:r1], x.dtype))
 
 
@@ -90,7 +104,11 @@ def int4_mm_native(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torc
 
 
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ dequant(canonical int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N), exact fallback."""
+    """x (M, K) @ dequant(canonical int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N)."""
+    if x.shape[0] <= SMALL_M:
+        ext = extension()
+        if ext is not None:
+            return ext.int4_gemv(x, weight, scales, zeros)
     return _fallback(x, weight.shape[0],
                      lambda r0, r1: _deq_int4(weight[r0:r1], scales[r0:r1], zeros[r0:r1], x.dtype))
 

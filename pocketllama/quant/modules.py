@@ -111,8 +111,8 @@ class Int8Linear(_QuantModule):
 class Int4Linear(_QuantModule):
     """y = x @ ((q - 8) * scales + zeros).T + bias with int4 q in groups of `group_size` along K.
 
-    With bfloat16 scales the weight is repacked for PyTorch's vectorized int4 kernel (`layout == "native"`);
-    otherwise it stays canonical and runs the exact dequantize-then-matmul fallback.
+    The weight stays canonical for pocketllama's C++ kernel and the dequantize-then-matmul path; without the
+    C++ kernel, bfloat16 scales repack it for PyTorch's vectorized int4 kernel (`layout == "native"`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
@@ -134,7 +134,8 @@ class Int4Linear(_QuantModule):
         return {"weight": ((n, k // 2), "uint8"), "scales": ((n, g), "float"), "zeros": ((n, g), "float")}
 
     def _set(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
-        if scales.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernels.has_native_int4():
+        if (scales.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernels.extension() is None
+                and kernels.has_native_int4()):
             self.layout = "native"
             self._store(weight=kernels.native_int4_pack(weight),
                         scales_and_zeros=kernels.native_scales_and_zeros(scales, zeros))
