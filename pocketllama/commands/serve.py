@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt tokens prefilled per engine step between decode steps; bounds how long a new "
                         "prompt stalls running streams (default 256)")
+    g.add_argument("--prefix-cache-mb", type=int, default=1024, metavar="MB",
+                   help="memory for K/V of prompt prefixes shared across requests (a common system prompt is "
+                        "prefilled once), least recently used evicted first; 0 disables (default 1024)")
     g = p.add_argument_group("moderation (Llama Guard 3)")
     g.add_argument("--guard", default=None, metavar="MODEL",
                    help="a Llama Guard 3 model, loaded beside the chat model: enables POST /v1/moderations")
@@ -115,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     max_len = args.max_model_len or min(llm.context_length, DEFAULT_MAX_MODEL_LEN)
     if not 1 < max_len <= llm.context_length:
         raise ValueError(f"--max-model-len {max_len} must be in [2, {llm.context_length}] (the model's context)")
+    if args.prefix_cache_mb < 0:
+        raise ValueError(f"--prefix-cache-mb must be >= 0 (0 disables it), got {args.prefix_cache_mb}")
+    from ..engine.prefix_cache import PrefixCache
+
+    prefix_cache = PrefixCache(args.prefix_cache_mb << 20) if args.prefix_cache_mb else None
     engine = BatchEngine(llm.model, llm.tokenizer, max_concurrency=args.max_concurrency,
-                         max_queue=args.max_queue, max_model_len=max_len, prefill_chunk=args.prefill_chunk)
+                         max_queue=args.max_queue, max_model_len=max_len, prefill_chunk=args.prefill_chunk,
+                         prefix_cache=prefix_cache)
     name = args.model or "smollm2-135m"
     app = create_app(llm, engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_size,
                      served_names=args.served_model_name, guard=guard)

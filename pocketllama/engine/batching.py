@@ -98,6 +98,9 @@ class EngineStats:
     decode_steps: int
     prefill_tokens: int
     alive: bool
+    prefix_cache_hits: int = 0  # prefix cache (engine/prefix_cache.py): requests that reused cached blocks,
+    prefix_cache_hit_tokens: int = 0  # the prompt tokens they did not prefill,
+    prefix_cache_bytes: int = 0  # and the bytes its blocks hold
 
 
 class _Sequence:
@@ -122,6 +125,7 @@ class _Sequence:
         self.matcher = StopStringMatcher(params.stop)
         self.row = -1
         self.prefilled = 0  # prompt tokens already in the cache
+        self.cached = 0  # of which copied from the prefix cache
         self.generated = 0
         self.next_token = -1  # the last sampled token: the input of the next decode step
         self.cancelled = self.done = False
@@ -172,8 +176,8 @@ class _Sequence:
         gen_time = now - self.first
         return GenerationResponse(
             text=text, token=token, logprob=lp, top_logprobs=tops, finish_reason=finish,
-            prompt_tokens=len(self.prompt), generation_tokens=n + 1,
-            prompt_tps=len(self.prompt) / prompt_time if prompt_time > 0 else 0.0,
+            prompt_tokens=len(self.prompt), generation_tokens=n + 1, cached_tokens=self.cached,
+            prompt_tps=(len(self.prompt) - self.cached) / prompt_time if prompt_time > 0 else 0.0,
             generation_tps=n / gen_time if gen_time > 0 else 0.0,
             prompt_time=prompt_time, generation_time=gen_time, peak_memory=peak_memory_gb(device),
         )
@@ -190,10 +194,15 @@ class BatchEngine:
     max_concurrency: KV cache rows (sequences decoding together). max_queue: sequences that may wait for a
     row; `submit` beyond running + waiting = max_concurrency + max_queue raises QueueFullError.
     max_model_len: tokens per sequence (prompt + generated); sizes the KV cache, at most the model's context.
+    prefix_cache: a `PrefixCache` shared across requests: a prompt starting with cached blocks (a common system
+    prompt) copies their K/V into its row instead of prefilling them; every prefilled prompt is offered to it.
+    Speculative decoding is not used here: a batched decode step already amortises each weight read over the
+    running rows, which is the same bandwidth saving drafting buys for one sequence, and rows accept drafts
+    of different lengths; batch-1 speculation is `stream_generate(drafter=...)` (CLI, `LLM`).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_concurrency: int = 8, max_queue: int = 64,
-                 max_model_len: int | None = None, prefill_chunk: int = 256) -> None:
+                 max_model_len: int | None = None, prefill_chunk: int = 256, prefix_cache: Any = None) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if max_queue < 0:
@@ -202,6 +211,7 @@ class BatchEngine:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
         self.max_concurrency, self.max_queue, self.prefill_chunk = max_concurrency, max_queue, prefill_chunk
+        self.prefix_cache = prefix_cache
         self.max_model_len = context_limit(model, max_model_len)
         self.vocab_size = int(model.config.vocab_size)
         param = next(model.parameters())
@@ -284,7 +294,14 @@ class BatchEngine:
                                max_concurrency=self.max_concurrency, max_queue=self.max_queue,
                                max_model_len=self.max_model_len, kv_cache_bytes=self.cache.nbytes,
                                decode_steps=self._decode_steps, prefill_tokens=self._prefill_tokens,
-                               alive=self._thread.is_alive() and not self._closing)
+                               alive=self._thread.is_alive() and not self._closing, **self._prefix_stats())
+
+    def _prefix_stats(self) -> dict[str, int]:
+        pc = self.prefix_cache
+        if pc is None:
+            return {}
+        return {"prefix_cache_hits": pc.stats.hits, "prefix_cache_hit_tokens": pc.stats.hit_tokens,
+                "prefix_cache_bytes": pc.nbytes}
 
     # ---- internals ----------------------------------------------------------------------------------------
 
@@ -339,6 +356,8 @@ class BatchEngine:
             seq.row = self._free_rows.pop(0)
             seq.started = time.perf_counter()
             self._running[seq.row] = seq
+            if self.prefix_cache is not None:  # (the engine thread: the prefix cache is not thread-safe)
+                seq.prefilled = seq.cached = self.prefix_cache.load(self.cache, seq.row, seq.prompt)
 
     def _release(self, seq: _Sequence) -> None:
         """Give the sequence's row back (callers hold the lock, or take it here)."""
@@ -413,6 +432,8 @@ class BatchEngine:
             s.prefilled += n
             if s.prefilled == len(s.prompt):
                 done.append(b)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.insert(self.cache, s.row, s.prompt)
         if done:
             self._sample([group[b] for b in done], logits[done])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -60,7 +61,7 @@ class SessionCache:
         self.model = model
         self.cache: KVCache | None = None
         self.tokens: list[int] = []
-        self.busy = False  # a live stream owns the cache; a second concurrent stream gets a fresh one
+        self._lock = threading.Lock()  # held by the live stream that owns the cache; others get a fresh one
 
     def reserve(self, length: int, exact: bool = False) -> KVCache:
         """A cache of at least `length` slots (exactly `length` with exact=True, for compiled steps), keeping
@@ -102,11 +103,10 @@ class SessionCache:
         params = params or SamplingParams()
         ids = [int(t) for t in prompt_ids]
         context = context_limit(self.model, max_len)
-        if self.busy or not ids or (truncate == "left" and len(ids) >= context):
+        if not ids or (truncate == "left" and len(ids) >= context) or not self._lock.acquire(blocking=False):
             yield from stream_generate(self.model, tokenizer, ids, params, compile=compile, truncate=truncate,
                                        max_len=max_len, **kwargs)
             return
-        self.busy = True
         try:
             budget = generation_budget(len(ids), params.max_tokens, context)
             length = cache_length(len(ids) + max(budget, 1), context, compile)
@@ -121,7 +121,11 @@ class SessionCache:
                 previous = r.token
                 yield r
         finally:
-            self.busy = False
+            self._lock.release()
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
 
 
 # ---------------------------------------------------------------------------------------------------------

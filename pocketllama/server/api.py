@@ -181,9 +181,11 @@ def check_model(state: Any, model: str | None) -> str:
     return state.model_names[0]
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI usage; cached_tokens = prompt tokens served from the engine's prefix cache, not prefilled."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 @dataclass
@@ -194,6 +196,7 @@ class _Choice:
     tokens: int = 0
     last: Any = None  # the final GenerationResponse (tool calls: which stop token ended it)
     offset: int = 0  # text offset for legacy completion logprobs
+    cached: int = 0  # prompt tokens this choice's sequence took from the prefix cache
 
 
 # ---- logprobs ---------------------------------------------------------------------------------------------
@@ -295,7 +298,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     async for index, r in _guarded(run, request):
         c = choices[index]
         c.text.append(r.text)
-        c.tokens, c.finish_reason, c.last = r.generation_tokens, r.finish_reason, r
+        c.tokens, c.finish_reason, c.last, c.cached = r.generation_tokens, r.finish_reason, r, r.cached_tokens
         if r.logprob is not None and not _is_stop_token(state, r, params):
             c.logprobs.append(chat_logprob(state, r))
     out = []
@@ -306,7 +309,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                     "finish_reason": finish})
     return JSONResponse({
         **base, "object": "chat.completion", "choices": out,
-        "usage": _usage(len(prompt), sum(c.tokens for c in choices)),
+        "usage": _usage(len(prompt), sum(c.tokens for c in choices), choices[0].cached),  # the prompt counts once
         **({"moderation": shield.report()} if shield.report() else {}),
     })
 
@@ -349,7 +352,7 @@ def _chat_stream(state: Any, run: Run, base: dict[str, Any], params: SamplingPar
         for i in range(n):
             yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None})
-        completion = 0
+        completion, cached = 0, {}
         streamers = {i: tools.streamer() for i in range(n)} if tools is not None else {}
         async for index, r in events if events is not None else run.events():
             lp = None
@@ -372,11 +375,12 @@ def _chat_stream(state: Any, run: Run, base: dict[str, Any], params: SamplingPar
                 lp = None
             if finish is not None:
                 completion += r.generation_tokens
+                cached[index] = r.cached_tokens
                 report = getattr(r, "moderation", None)  # the output shield cut this choice
                 yield chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish},
                             **({"moderation": report} if report else {}))
         if include_usage:
-            yield sse({**base, "choices": [], "usage": _usage(prompt_len, completion)})
+            yield sse({**base, "choices": [], "usage": _usage(prompt_len, completion, cached.get(0, 0))})
         yield sse("[DONE]")
 
     return _stream_errors(run, gen())
@@ -419,7 +423,8 @@ async def completions(body: CompletionRequest, request: Request):
     want_lp = body.logprobs is not None
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(_completion_stream(state, run, base, jobs, prompt_tokens, want_lp, usage), run.cancel)
+        return EventStream(_completion_stream(state, run, base, jobs, prompt_tokens, want_lp, usage, body.n),
+                           run.cancel)
     choices = [_Choice() for _ in jobs]
     async for index, r in _guarded(run, request):
         c = choices[index]
@@ -427,22 +432,23 @@ async def completions(body: CompletionRequest, request: Request):
             c.logprobs.append(completion_logprob(state, r, c.offset))
         c.text.append(r.text)
         c.offset += len(r.text)
-        c.tokens, c.finish_reason = r.generation_tokens, r.finish_reason
+        c.tokens, c.finish_reason, c.cached = r.generation_tokens, r.finish_reason, r.cached_tokens
     return JSONResponse({
         **base,
         "choices": [{"index": i, "text": "".join(c.text),
                      "logprobs": _merge_completion_logprobs(c.logprobs) if want_lp else None,
                      "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
-        "usage": _usage(prompt_tokens, sum(c.tokens for c in choices)),
+        "usage": _usage(prompt_tokens, sum(c.tokens for c in choices),
+                        sum(c.cached for c in choices[::body.n])),  # each prompt counts once
     })
 
 
 def _completion_stream(state: Any, run: Run, base: dict[str, Any], jobs: list[tuple[list[int], SamplingParams]],
-                       prompt_tokens: int, want_lp: bool, include_usage: bool) -> AsyncIterator[str]:
+                       prompt_tokens: int, want_lp: bool, include_usage: bool, n: int = 1) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
 
     async def gen() -> AsyncIterator[str]:
-        completion, offsets = 0, [0] * len(jobs)
+        completion, offsets, cached = 0, [0] * len(jobs), 0
         async for index, r in run.events():
             lp = None
             if want_lp and not _is_stop_token(state, r, jobs[index][1]):
@@ -453,8 +459,9 @@ def _completion_stream(state: Any, run: Run, base: dict[str, Any], jobs: list[tu
                                                 "finish_reason": r.finish_reason}], **extra})
             if r.finish_reason is not None:
                 completion += r.generation_tokens
+                cached += r.cached_tokens if index % n == 0 else 0  # each prompt counts once
         if include_usage:
-            yield sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})
+            yield sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion, cached)})
         yield sse("[DONE]")
 
     return _stream_errors(run, gen())

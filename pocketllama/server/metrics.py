@@ -99,6 +99,10 @@ class Metrics:
             ("kv_cache_bytes", "Bytes held by the KV cache.", stats.kv_cache_bytes),
             ("engine_decode_steps", "Batched decode steps run by the engine.", stats.decode_steps),
             ("engine_prefill_tokens", "Prompt tokens prefilled by the engine.", stats.prefill_tokens),
+            ("engine_prefix_cache_hits", "Requests whose prompt reused prefix-cache blocks.", stats.prefix_cache_hits),
+            ("engine_prefix_cache_hit_tokens", "Prompt tokens copied from the prefix cache instead of prefilled.",
+             stats.prefix_cache_hit_tokens),
+            ("prefix_cache_bytes", "Bytes held by the prefix cache (--prefix-cache-mb).", stats.prefix_cache_bytes),
         ]
         for name, help_, value in gauges:
             kind = "counter" if name.startswith("engine_") else "gauge"

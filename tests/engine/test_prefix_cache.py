@@ -256,3 +256,18 @@ def test_prompt_cache_file_errors(model, tmp_path):
         save_prompt_cache(tmp_path / "e.kv", model, IdTokenizer(), [])
     with pytest.raises(ValueError, match="the prompt has 1024 tokens but the model's context holds 1024"):
         save_prompt_cache(tmp_path / "e.kv", model, IdTokenizer(), [1] * 1024)
+
+
+def test_batch_engine_reuses_a_shared_prefix_across_requests(model):
+    from pocketllama.engine.batching import BatchEngine
+
+    system = [1] + list(range(100, 140))  # 41 tokens: two 16-token blocks
+    pc = PrefixCache(max_bytes=1 << 26, block_size=16)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    with BatchEngine(model, IdTokenizer(), max_concurrency=2, prefill_chunk=16, prefix_cache=pc) as engine:
+        first = list(engine.submit(system + [7, 8], params))
+        second = list(engine.submit(system + [9, 10, 11], params))
+        stats = engine.stats()
+    assert first[-1].cached_tokens == 0 and second[-1].cached_tokens == 32
+    assert [r.token for r in second] == [r.token for r in cold(model, system + [9, 10, 11])]
+    assert (stats.prefix_cache_hits, stats.prefix_cache_hit_tokens) == (1, 32) and stats.prefix_cache_bytes > 0
