@@ -4,6 +4,7 @@
     pocketllama chat -m MODEL "What is 2+2?"       # prints only the answer
     echo "What is 2+2?" | pocketllama chat         # question from stdin
     pocketllama chat -m VISION_MODEL --image photo.jpg "Describe this image"   # Llama 3.2 Vision
+    pocketllama chat -m MODEL --adapter out/ "Hi"  # with a LoRA adapter from `pocketllama finetune`
     pocketllama chat -m MODEL --draft-model self-int4          # speculative decoding: same answers, sooner
     pocketllama chat -m MODEL --prompt-cache system.kv         # system prompt prefilled by `cache-prompt --system`
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", default=None, help="date for the Llama 3.2 system block, e.g. '26 Jul 2024'")
     p.add_argument("--image", default=None, metavar="PATH",
                    help="attach an image to the (first) question; needs a Llama 3.2 Vision model")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply a LoRA adapter (PEFT folder, e.g. from `pocketllama finetune`) without merging")
     add_sampling_args(p)
     add_speculation_args(p)
     p.add_argument("--stats", action="store_true", help="one-shot: print token counts and tokens/s to stderr")
@@ -86,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
         load_image(args.image)
     llm = load_from_args(args)
+    if args.adapter is not None:
+        from ..finetune.peft_format import load_adapter
+
+        load_adapter(llm.model, args.adapter, dropout=0.0)
+        llm.model.eval()
     if args.prompt_cache:
         meta = llm.load_prompt_cache(args.prompt_cache).metadata
         if meta.get("kind") != "system":

@@ -44,8 +44,7 @@ def write_checkpoint(out: Path, step: int, write: Callable[[Path], None], keep: 
     all but the newest `keep` checkpoints (None: keep all)."""
     root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_partial(out)
     tmp = root / f".tmp-{_PREFIX}{step:06d}"
     tmp.mkdir()
     write(tmp)
@@ -61,6 +60,14 @@ def write_checkpoint(out: Path, step: int, write: Callable[[Path], None], keep: 
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_partial(out: Path) -> None:
+    """Delete the temporary folders of saves that a killed run left half-written."""
+    root = checkpoints_dir(out)
+    if root.is_dir():
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

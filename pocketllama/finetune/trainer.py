@@ -472,6 +472,8 @@ class _Run:
     def _resume_point(self) -> Path | None:
         if not self.cfg.resume:
             return None
+        if self.info.is_main:
+            S.remove_partial(self.out)
         found = S.latest_checkpoint(self.out)
         if found is None:
             raise FileNotFoundError(f"nothing to resume: {S.checkpoints_dir(self.out)} has no complete checkpoint; "
