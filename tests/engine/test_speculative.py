@@ -232,7 +232,11 @@ def small_vocab(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec8")
     save_tiny_llama(root / "t", seed=0, vocab_size=8, tie_word_embeddings=False)
     save_tiny_llama(root / "d", seed=1, vocab_size=8, num_hidden_layers=1, tie_word_embeddings=False)
-    return load_model(root / "t")[0], load_model(root / "d")[0]
+    target, draft = load_model(root / "t")[0], load_model(root / "d")[0]
+    with torch.no_grad():  # peaked, clearly different distributions: a wrong acceptance rule shows
+        target.lm_head.weight.mul_(8.0)
+        draft.lm_head.weight.mul_(8.0)
+    return target, draft
 
 
 def exact_marginals(model, prompt: list[int], params: SamplingParams, steps: int) -> list[np.ndarray]:
