@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 
-PROBE = ("<probe> The quick brown fox jumps over the lazy dog. What is the capital of France? Answer briefly, "
-         "then explain how a rainbow forms in two sentences.")
+# The probe is a short chat (in the model's chat format when it has one): where an SFT adapter acts.
+PROBE = [{"role": "user", "content": "What is the capital of France? Answer briefly."},
+         {"role": "assistant", "content": "The capital of France is Paris, on the Seine."},
+         {"role": "user", "content": "Explain how a rainbow forms in two sentences."},
+         {"role": "assistant", "content": "Sunlight refracts and reflects inside raindrops, splitting into colours."}]
 # Re-quantized merged logits may differ from the float merged ones by at most this share of the adapter's own
 # effect (how far the adapter moves the base model's logits); beyond it the adapter is largely lost.
 MAX_LOSS_RATIO = 0.5
@@ -88,7 +91,7 @@ def merge_adapter(base: str | os.PathLike[str] | None, adapter: str | os.PathLik
 
     llm = load(base, dtype=dtype, quantize=False, progress=False)
     model = llm.model
-    ids = torch.tensor([llm.tokenizer.encode(PROBE, add_bos=llm.tokenizer.add_bos)])
+    ids = torch.tensor([_probe_ids(llm)])
     with torch.no_grad():
         before = model(ids)
     load_adapter(model, adapter, dropout=0.0)
@@ -98,7 +101,7 @@ def merge_adapter(base: str | os.PathLike[str] | None, adapter: str | os.PathLik
         merge_lora(model)
         merged = model(ids)
     report = MergeReport(out, recipe, _rel(before, adapted), _rel(merged, adapted))
-    if report.merge_error > 1e-3 and model.dtype == torch.float32:
+    if report.merge_error > 1e-3 and llm.dtype == torch.float32:
         raise RuntimeError(f"merging changed the model's outputs by {report.merge_error:.3g}; this is a bug")
     if recipe is not None:
         quantize_model(model, recipe)
@@ -117,12 +120,20 @@ def merge_adapter(base: str | os.PathLike[str] | None, adapter: str | os.PathLik
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     save_safetensors(state, out / "model.safetensors", metadata={"format": "pt"})
-    _write_config(model.config, checkpoint, out, model.dtype)
+    _write_config(model.config, checkpoint, out, llm.dtype)
     copy_tokenizer(checkpoint, out)
     source_dir = Path(checkpoint.path) if Path(checkpoint.path).is_dir() else None
     if source_dir is not None and (source_dir / "preprocessor_config.json").is_file():
         shutil.copyfile(source_dir / "preprocessor_config.json", out / "preprocessor_config.json")
     return report
+
+
+def _probe_ids(llm: Any) -> list[int]:
+    try:
+        return llm.apply_chat_template(PROBE, add_generation_prompt=False, date_string="26 Jul 2024")
+    except ValueError:  # no chat format: the same text as a plain completion
+        text = " ".join(m["content"] for m in PROBE)
+        return llm.tokenizer.encode(text, add_bos=llm.tokenizer.add_bos)
 
 
 def _write_config(config: Any, checkpoint: Any, out: Path, dtype: torch.dtype) -> None:

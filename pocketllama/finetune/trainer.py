@@ -296,6 +296,8 @@ class _Run:
             train = examples
         else:
             train, val = split_examples(examples, cfg.val_fraction, cfg.seed)
+        if cfg.packing and any(ex.image is not None for ex in train + val):
+            raise ValueError("packing is not supported with images; train vision examples unpacked (no --packing)")
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "data_report.json").write_text(json.dumps(reports, indent=2) + "\n")
