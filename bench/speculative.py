@@ -4,7 +4,8 @@ time to first token for a 2,000-token system prompt, cold vs cached. Each config
 Rows (greedy, so every speculative run must print the same tokens as plain decoding; `same` checks it):
 - 1b-bf16: Llama-3.2-1B-shaped random bf16 checkpoint, 128-token prompt, 64 new tokens: plain, self-int4
   draft, and a draft that never agrees (self-int4 shifted by one id: the fallback must hold the loss <= 5%).
-- smollm2: SmolLM2-135M-Instruct (GGUF Q4_1) summarising an article, prompt lookup vs plain.
+- smollm2: SmolLM2-135M-Instruct (GGUF Q4_1, loaded as float32: both rows measure the same dense model)
+  summarising an article, prompt lookup vs plain.
 - ttft: a 2,000-token system prompt, cold prefill vs a `cache-prompt` file vs the in-memory session.
 
     python bench/speculative.py [--rows 1b,smollm2,ttft] [--threads 2] [--new 64]
@@ -43,7 +44,7 @@ from pocketllama.engine.generate import generate
 from pocketllama.engine.sampling import SamplingParams
 from pocketllama.engine.drafters import make_drafter
 mode = sys.argv[2]
-llm = pocketllama.load(sys.argv[1])
+llm = pocketllama.load(sys.argv[1], quantize=False if KIND == "smollm2" else None)
 llm.prompt_cache = False
 if KIND == "1b":
     text = "The history of the city begins with a small settlement on the river. " * 40
@@ -86,7 +87,7 @@ import os, tempfile
 import pocketllama
 from pocketllama.engine.prefix_cache import save_prompt_cache
 from pocketllama.engine.sampling import SamplingParams
-llm = pocketllama.load(sys.argv[1])
+llm = pocketllama.load(sys.argv[1], quantize=False)
 sentences = [f"Rule {i}: when a customer asks about order {1000 + 7 * i}, check the ledger entry {i * 13 % 97} "
              f"and answer politely in at most {3 + i % 5} sentences." for i in range(400)]
 ids = llm.tokenizer.encode(" ".join(sentences))[:SYSTEM]
