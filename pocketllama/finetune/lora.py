@@ -108,11 +108,12 @@ def matches(name: str, targets: Targets) -> bool:
 
 
 def resolve_targets(targets: Targets | None) -> Targets:
-    """`None` / "all-linear" -> every projection of the decoder blocks (not the output layer)."""
+    """`None` / "all-linear" -> every projection of the decoder blocks (not the output layer); a string
+    without regex syntax is a comma list of names; any other string is a regex over full names."""
     if targets is None or targets == "all-linear":
         return list(LLAMA_LINEARS)
-    if isinstance(targets, str) and "," in targets and not any(c in targets for c in "()[]\\*+?|"):
-        return [t.strip() for t in targets.split(",") if t.strip()]  # "q_proj,v_proj" from a command line
+    if isinstance(targets, str) and not any(c in targets for c in "()[]{}\\*+?|^$"):
+        return [t.strip() for t in targets.split(",") if t.strip()]  # "q_proj" or "q_proj,v_proj" (CLI)
     return targets
 
 
@@ -208,20 +209,22 @@ class _FrozenQuantMatmul(torch.autograd.Function):
         g = grad.reshape(-1, n)  # (M, N)
         gx = torch.zeros(g.shape[0], module.in_features, dtype=grad.dtype, device=grad.device)
         rows = max(1, (4 * 1024 * 1024) // max(module.in_features, 1))
+        dequant = _row_dequantizer(module, grad.dtype)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            gx.addmm_(g[:, r0:r1], _dequant_rows(module, r0, r1, grad.dtype))  # (M, K)
+            gx.addmm_(g[:, r0:r1], dequant(r0, r1))  # (M, K)
         return gx.view(*grad.shape[:-1], module.in_features), None, None
 
 
-def _dequant_rows(module: nn.Module, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+def _row_dequantizer(module: nn.Module, dtype: torch.dtype) -> Any:
+    """(r0, r1) -> float rows r0:r1 of a quantized layer's weight (N, K)."""
     from ..quant.modules import Int4Linear
     from ..quant.primitives import dequantize_int4, dequantize_int8
 
     if isinstance(module, Int4Linear):
         w, s, z = module.canonical()  # native layout: unpacked for this backward only (memory stays int4)
-        return dequantize_int4(w[r0:r1], s[r0:r1], z[r0:r1], dtype)
-    return dequantize_int8(module.weight[r0:r1], module.scales[r0:r1], dtype)
+        return lambda r0, r1: dequantize_int4(w[r0:r1], s[r0:r1], z[r0:r1], dtype)
+    return lambda r0, r1: dequantize_int8(module.weight[r0:r1], module.scales[r0:r1], dtype)
 
 
 def enable_quantized_input_grads(model: nn.Module) -> None:

@@ -92,6 +92,7 @@ def test_targets_by_name_regex_and_layers(model):
     assert target_names(model, ["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert target_names(model, r"model\.layers\.1\.mlp\.(up|down)_proj") == ["model.layers.1.mlp.up_proj",
                                                                             "model.layers.1.mlp.down_proj"]
+    assert target_names(model, "k_proj") == target_names(model, ["k_proj"])  # a plain name, as on the CLI
     assert target_names(model, "q_proj,o_proj", layers=[1]) == ["model.layers.1.self_attn.q_proj",
                                                                "model.layers.1.self_attn.o_proj"]
     with pytest.raises(ValueError, match="LoRA targets \\['qkv'\\] match no linear layer of the model; its linear "
@@ -183,3 +184,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
         grads.append([m.lora_A.weight.grad for m in lora_modules(model).values()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_input_gradient_of_a_bfloat16_int4_layer(packed, monkeypatch):
+    """bf16 int4 weights live in PyTorch's packed int4 layout (when the C++ GEMV extension is not used) or the
+    canonical one; either way the backward must give x's gradient through the dequantized weight."""
+    from pocketllama.finetune.lora import enable_quantized_input_grads
+    from pocketllama.quant import kernels
+    from pocketllama.quant.modules import Int4Linear
+
+    if packed:
+        monkeypatch.setattr(kernels, "extension", lambda: None)
+    torch.manual_seed(0)
+    lin = Int4Linear.from_float(nn.Linear(64, 96, bias=False).to(torch.bfloat16), group_size=32)
+    if packed and kernels.has_native_int4():
+        assert lin.layout == "native"
+    holder = nn.Sequential(lin)
+    enable_quantized_input_grads(holder)
+    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(5, 96, dtype=torch.bfloat16)
+    holder(x).backward(g)
+    want = g.float() @ lin.dequantize(torch.float32)
+    torch.testing.assert_close(x.grad.float(), want, atol=0.05, rtol=0.02)
+    with torch.no_grad():  # the forward is the kernel's own
+        torch.testing.assert_close(holder(x), Int4Linear.forward(lin, x))
