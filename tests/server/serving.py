@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import torch
 import uvicorn
 
@@ -24,6 +25,17 @@ from pocketllama.models.llama import LlamaForCausalLM
 from pocketllama.server import create_app
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's model work on one torch thread: the in-process server's engine shares the cores with
+    the event loop and the clients, and on 2 busy cores a 2-thread OpenMP team stalls at every barrier when
+    one of its threads loses its core (measured: the 16-client test 56 s with 1 thread, 245 s with 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,7 +9,13 @@ import json
 import httpx
 import pytest
 from openai import OpenAI
-from serving import smollm2, start_server
+from serving import (
+    one_torch_thread,  # noqa: F401 (a fixture)
+    smollm2,
+    start_server,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

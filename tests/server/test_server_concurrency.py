@@ -10,7 +10,14 @@ import time
 import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
-from serving import smollm2, start_server, tiny
+from serving import (
+    one_torch_thread,  # noqa: F401 (a fixture)
+    smollm2,
+    start_server,
+    tiny,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "What is 2 + 2?", "Who wrote Hamlet?",

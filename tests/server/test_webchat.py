@@ -9,7 +9,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving import ARTIFACTS, smollm2, start_server
+from serving import (
+    ARTIFACTS,
+    one_torch_thread,  # noqa: F401 (a fixture)
+    smollm2,
+    start_server,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
