@@ -2,7 +2,8 @@
 
 A quantized base (a recorded recipe, or GGUF Q4/Q8 blocks) is merged through float weights and re-quantized,
 then checked: merging straight into quantized weights loses small adapter updates (they round away), so the
-re-quantized model must stay much closer to the adapted model than the base model was.
+change the adapter makes in float (merged - base) must survive in the quantized models (re-quantized merged -
+quantized base) on a probe conversation.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ PROBE = [{"role": "user", "content": "What is the capital of France? Answer brie
          {"role": "assistant", "content": "The capital of France is Paris, on the Seine."},
          {"role": "user", "content": "Explain how a rainbow forms in two sentences."},
          {"role": "assistant", "content": "Sunlight refracts and reflects inside raindrops, splitting into colours."}]
-# Re-quantized merged logits may differ from the float merged ones by at most this share of the adapter's own
-# effect (how far the adapter moves the base model's logits); beyond it the adapter is largely lost.
-MAX_LOSS_RATIO = 0.5
+# Share of the adapter's float logit change that must survive quantization: retention = 1 - |dq - df| / |df|
+# with df = float merged - float base and dq = re-quantized merged - quantized base. Below it the adapter is
+# largely lost (an update under the quantization step rounds away: dq ~ 0, retention ~ 0).
+MIN_RETENTION = 0.5
 
 
 @dataclass
@@ -33,15 +35,15 @@ class MergeReport:
     adapter_effect: float  # relative logit change the adapter makes (float base -> float merged)
     merge_error: float  # float merged vs the adapter applied unmerged (should be ~1e-6)
     quant_error: float | None = None  # re-quantized merged vs float merged
+    retention: float | None = None  # share of the adapter's change that survives quantization (see MIN_RETENTION)
     top1_agreement: float | None = None  # share of probe positions whose argmax survives re-quantization
 
     def summary(self) -> str:
         lines = [f"merged into {self.output} ({self.recipe or 'float weights'}); adapter effect "
                  f"{self.adapter_effect:.3g}, merge error {self.merge_error:.2g}"]
         if self.quant_error is not None:
-            lines.append(f"re-quantized to {self.recipe}: error {self.quant_error:.3g} "
-                         f"({self.quant_error / max(self.adapter_effect, 1e-12):.0%} of the adapter effect), "
-                         f"top-1 agreement {self.top1_agreement:.0%}")
+            lines.append(f"re-quantized to {self.recipe}: adapter retained {self.retention:.0%}, error vs float "
+                         f"merged {self.quant_error:.3g}, top-1 agreement {self.top1_agreement:.0%}")
         return "\n".join(lines)
 
 
@@ -72,7 +74,7 @@ def merge_adapter(base: str | os.PathLike[str] | None, adapter: str | os.PathLik
     recipe), "none" = float weights, or a recipe name (int8, int4-g32, ...). check: refuse a re-quantized
     result that lost the adapter (see MAX_LOSS_RATIO); the float merge is always checked.
     """
-    from ..llm import load
+    from ..llm import load, load_model
     from ..models import config_from_hf
     from ..quant import quantize_model
     from ..quant.save import copy_tokenizer
@@ -109,12 +111,18 @@ def merge_adapter(base: str | os.PathLike[str] | None, adapter: str | os.PathLik
             requant = model(ids)
         report.quant_error = _rel(requant, merged)
         report.top1_agreement = float((requant.argmax(-1) == merged.argmax(-1)).float().mean())
-        if check and report.quant_error > MAX_LOSS_RATIO * report.adapter_effect:
+        # the quantized base as the user runs it: as stored, or quantized with the requested recipe
+        qbase, _ = load_model(base, dtype=dtype, quantize=None if recipe == stored else recipe, progress=False)
+        with torch.no_grad():
+            quant_before = qbase(ids)
+        del qbase
+        report.retention = 1 - _rel(requant - quant_before, merged - before)
+        if check and report.retention < MIN_RETENTION:
             raise ValueError(
-                f"re-quantizing the merged model to {recipe} moves its outputs by {report.quant_error:.3g}, more than "
-                f"{MAX_LOSS_RATIO:.0%} of what the adapter changes ({report.adapter_effect:.3g}): the adapter would be "
-                "largely lost. Write float weights (--quantize none), pick a finer recipe (int8), or serve the base "
-                "with the adapter unmerged (chat --adapter)")
+                f"re-quantized to {recipe}, the merged model keeps only {report.retention:.0%} of the adapter's "
+                f"change (adapter effect {report.adapter_effect:.3g}, re-quantization error {report.quant_error:.3g}): "
+                "the adapter would be largely lost. Write float weights (--quantize none), pick a finer recipe "
+                "(int8), or serve the base with the adapter unmerged (chat --adapter)")
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
