@@ -4,6 +4,10 @@
     pocketllama finetune -m MODEL --data train.jsonl -o out/ --method qlora  # LoRA over an int4 base
     pocketllama finetune -m MODEL --data train.jsonl -o out/ --resume        # continue a killed run
     torchrun --nproc-per-node 4 -m pocketllama finetune -m MODEL --data train.jsonl -o out/
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+        -m pocketllama finetune ...      # several machines; keep out/ on shared storage for --resume
+
+Under torchrun, LoRA runs DDP and full fine-tuning FSDP2 (gloo on CPU, NCCL on GPU); rank 0 logs and saves.
 
 Data: one JSON object per line, either {"messages": [{"role": "user", "content": ...}, {"role": "assistant",
 "content": ...}, ...]} (optional "images": [path] for Llama 3.2 Vision) or {"prompt": ..., "completion": ...}.

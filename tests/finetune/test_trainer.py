@@ -126,11 +126,11 @@ def test_two_processes_equal_one(setup, method):
             torch.testing.assert_close(a(ids), b(ids), rtol=1e-3, atol=1e-4)
 
 
-def test_qlora_trains_and_its_adapter_fits_the_float_base(setup):
+def test_bf16_qlora_trains_and_its_adapter_fits_the_float_base(setup):
     from pocketllama.finetune.peft_format import load_adapter
     from pocketllama.llm import load_model
 
-    result = finetune(config(setup, "qlora", method="qlora", max_steps=4, lr=1e-2), log=quiet)
+    result = finetune(config(setup, "qlora", method="qlora", max_steps=4, lr=1e-2, dtype="bfloat16"), log=quiet)
     assert result.evals[-1]["eval_loss"] < result.evals[0]["eval_loss"]
     model, _ = load_model(setup / "base", dtype="float32")
     assert len(load_adapter(model, setup / "qlora")) == 14
