@@ -106,8 +106,8 @@ def test_two_processes_equal_one(setup, method):
     """torchrun, 2 CPU processes (gloo; DDP for LoRA, FSDP2 for full) x batch 1 x accumulation 2 == 1 process
     x batch 2 x accumulation 2. The same rows and the same token-mean loss; only summation orders differ (the
     per-rank loss sums, the gradient all-reduce: fp32 rounding, 1.1e-7 relative observed over 3 steps for both
-    DDP and FSDP2). rtol 1e-4 leaves room for other CPUs' kernels and still catches a wrong normalisation (a
-    per-rank or per-micro-batch mean instead of the global token mean changes these losses by ~1e-2)."""
+    DDP and FSDP2). rtol 1e-4 leaves room for other CPUs' kernels while a rank that trained on other rows, a
+    missing gradient all-reduce or a per-rank loss normalisation moves these losses by far more."""
     lr = "5e-3" if method == "lora" else "1e-3"
     two = _torchrun(setup, f"ddp-{method}", "--method", method, "--lr", lr)
     one = finetune(config(setup, f"one-{method}", method=method, max_steps=3, eval_every=0, lr=float(lr)), log=quiet)
