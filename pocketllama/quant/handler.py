@@ -56,13 +56,29 @@ def plan_for_gguf(checkpoint: Any) -> Plan:
 # ---- verb 1: quantize a state dict --------------------------------------------------------------------
 
 
+QUANTIZE_CHUNK_VALUES = 16 * 1024 * 1024  # rows quantized at a time: bounds the fp32 temporaries (~64 MB)
+
+
 def quantize_weight(w: torch.Tensor, spec: QSpec, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One float weight (N, K) -> its canonical parts {"weight", "scales"(, "zeros")}."""
-    if spec.kind == "int8":
-        q, s = quantize_int8(w, spec.group_size, scale_dtype)
-        return {"weight": q, "scales": s}
-    q, s, z = quantize_int4(w, spec.group_size, scale_dtype)
-    return {"weight": q, "scales": s, "zeros": z}
+    """One float weight (N, K) -> its canonical parts {"weight", "scales"(, "zeros")}, a chunk of rows at a
+    time so a 128k-row embedding never needs an fp32 copy of itself."""
+    n, k = w.shape
+    rows = max(1, QUANTIZE_CHUNK_VALUES // k)
+    out: dict[str, torch.Tensor] = {}
+    for r0 in range(0, n, rows):
+        chunk = w[r0:r0 + rows]
+        if spec.kind == "int8":
+            parts = dict(zip(("weight", "scales"), quantize_int8(chunk, spec.group_size, scale_dtype), strict=True))
+        else:
+            parts = dict(zip(("weight", "scales", "zeros"), quantize_int4(chunk, spec.group_size, scale_dtype),
+                             strict=True))
+        if rows >= n:
+            return parts
+        for name, t in parts.items():
+            if name not in out:
+                out[name] = torch.empty((n, *t.shape[1:]), dtype=t.dtype)
+            out[name][r0:r0 + t.shape[0]] = t
+    return out
 
 
 def quantize_state_dict(tensors: Iterable[tuple[str, torch.Tensor]], plan: Plan,

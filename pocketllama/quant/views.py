@@ -104,7 +104,10 @@ class QuantizingCheckpoint(_QuantizedView):
     def _make(self, module: str) -> dict[str, torch.Tensor]:
         from .handler import quantize_weight
 
-        return quantize_weight(self._base.load_tensor(f"{module}.weight"), self._plan[module], self.scale_dtype)
+        name = f"{module}.weight"
+        parts = quantize_weight(self._base.load_tensor(name), self._plan[module], self.scale_dtype)
+        _release(self._base, name)  # the source's mapped pages leave RSS: peak = quantized model + one layer
+        return parts
 
 
 class GGUFBlocksCheckpoint(_QuantizedView):
@@ -160,7 +163,8 @@ class DequantizingCheckpoint(_View):
 
 
 def _release(checkpoint: Any, name: str) -> None:
-    """Drop a GGUF tensor's file pages from RSS once its blocks are copied (they stay in the page cache)."""
+    """Drop a tensor's file pages from RSS once it is copied (they stay in the page cache): `release(name)`
+    where the checkpoint has it (safetensors), GGUFCheckpoint's private helper otherwise."""
     release = getattr(checkpoint, "release", None)
     if release is not None:
         release(name)

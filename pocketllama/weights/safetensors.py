@@ -131,6 +131,13 @@ class SafetensorsCheckpoint:
     def load_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._where[name].get(name, dtype)
 
+    def release(self, name: str) -> None:
+        """Drop a tensor's mapped pages from RSS once the caller holds its own copy (e.g. quantized buffers);
+        views of it read the file again if touched."""
+        f = self._where[name]
+        begin, end = f.entries[name]["data_offsets"]
+        f._release(f._base + begin, f._base + end)
+
     def load_tokenizer(self):
         """tokenizer.json (HF), else a Llama 3 tiktoken `tokenizer.model` (also under `original/`, as in
         Meta's Hub repos)."""

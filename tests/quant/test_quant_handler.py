@@ -147,3 +147,23 @@ def test_tied_table_needs_one_setting(tmp_path):
     save_tiny_llama(tmp_path, tie_word_embeddings=True)
     with pytest.raises(ValueError, match="ties its embedding and output .* embedding='int8' and lm_head=None"):
         load_model(tmp_path, quantize={"linear": "int8", "embedding": "int8"})
+
+
+@torch.no_grad()
+def test_vision_model_text_trunk_quantizes_by_recipe(tmp_path):
+    """Llama 3.2 Vision: self- and cross-attention blocks, embedding and lm_head of `language_model` follow the
+    recipe; the vision tower stays as stored; the recipe is recorded on the text config."""
+    from mllama_fixtures import save_mllama
+
+    save_mllama(tmp_path)
+    float_model, _ = load_model(tmp_path, dtype=torch.float32)
+    model, _ = load_model(tmp_path, dtype=torch.float32, quantize="int8")
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds["language_model.model.embed_tokens"] == "Int8Embedding"
+    assert kinds["language_model.lm_head"] == "Int8Linear"
+    assert any(".cross_attn.q_proj" in n and k == "Int8Linear" for n, k in kinds.items())
+    assert all(k != "Int8Linear" for n, k in kinds.items() if n.startswith("vision_model"))
+    assert model.config.quantization["linear"] == "int8"
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    ref, got = float_model(ids), model(ids)
+    assert ((got - ref).norm() / ref.norm()).item() < LOGIT_BOUNDS["int8"]

@@ -110,3 +110,16 @@ def test_q4_1_blocks_map_onto_int4_groups():
     raw, ref = _blocks(_w(), QT.Q4_1)
     packed, s, z = q4_1_to_int4(raw)
     torch.testing.assert_close(dequantize_int4(packed, s, z), ref, rtol=0, atol=1e-6)
+
+
+def test_chunked_quantization_equals_whole_matrix(monkeypatch):
+    from pocketllama.quant import handler
+    from pocketllama.quant.recipe import QSpec
+
+    w = _w(100, 64)
+    for spec in (QSpec("int8"), QSpec("int4", 32)):
+        whole = handler.quantize_weight(w, spec, torch.bfloat16)
+        monkeypatch.setattr(handler, "QUANTIZE_CHUNK_VALUES", 64 * 7)  # 7 rows at a time, a ragged last chunk
+        chunked = handler.quantize_weight(w, spec, torch.bfloat16)
+        monkeypatch.undo()
+        assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)

@@ -1,0 +1,131 @@
+"""Quantized decode and memory: pocketllama bf16 / int8 / int4-g32 beside llama.cpp F16 / Q8_0 / Q4_0 of the same
+random Llama-3.2-shaped checkpoint, and beside the release table's memory figures (SPEC 8).
+
+Per variant, in a fresh process: resident weight bytes, peak RSS of load + generation, load time, decode
+tokens/s (64 greedy tokens after a 128-token prompt, no early stop) and prefill tokens/s.
+
+    python bench/quant.py [--shapes 1b,3b] [--variants bf16,int8,int4-g32] [--threads 2] [--no-peers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LLAMA_32_1B, LLAMA_32_3B, RSS_HELPERS, has_module, random_checkpoint, run_json, save, table  # noqa: E402
+
+PROMPT_TOKENS, NEW_TOKENS = 128, 64
+RELEASE_GB = {"1b": {"bf16": 2.5, "int8": 1.25, "int4-g32": 0.75},  # HF blog: BF16 / FP8 / INT4 columns
+              "3b": {"bf16": 6.5, "int8": 3.2, "int4-g32": 1.75}}
+PEER_OF = {"bf16": "F16", "int8": "Q8_0", "int4-g32": "Q4_0"}
+
+POCKETLLAMA = RSS_HELPERS + '''
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+import pocketllama
+from pocketllama.engine.generate import generate
+from pocketllama.engine.sampling import SamplingParams
+from pocketllama.quant import kernels
+kernels.extension()  # build / load the C++ kernels before timing anything
+base = rss_mb()
+reset_peak()
+t = time.perf_counter()
+llm = pocketllama.load(sys.argv[1], dtype="bfloat16", quantize=None if sys.argv[2] == "bf16" else sys.argv[2])
+load_s = time.perf_counter() - t
+weights = sum(x.numel() * x.element_size() for x in (*llm.model.parameters(), *llm.model.buffers()))
+ids = torch.randint(100, 1000, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
+params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+with torch.inference_mode():
+    generate(llm.model, llm.tokenizer, ids[:16], params.replace(max_tokens=8))  # warm-up
+    r = generate(llm.model, llm.tokenizer, ids, params)
+print(json.dumps({"decode_tps": r.generation_tps, "prefill_tps": r.prompt_tps, "load_s": load_s,
+                  "weights_gb": weights / 1e9, "peak_rss_gb": (peak_mb() - base) / 1e3,
+                  "ext": kernels.extension() is not None}))
+'''
+
+LLAMA_CPP = RSS_HELPERS + '''
+import numpy as np
+base = rss_mb()
+from llama_cpp import Llama
+t = time.perf_counter()
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads=int(sys.argv[3]), n_batch=512, verbose=False,
+            use_mmap=False)
+load_s = time.perf_counter() - t
+ids = list(np.random.default_rng(0).integers(100, 1000, PROMPT))
+eos = [llm.token_eos()]
+def no_eos(_, logits):
+    logits[eos] = -np.inf
+    return logits
+def run(n):
+    llm.reset()
+    t = time.perf_counter()
+    first, count = None, 0
+    for _ in llm.generate(ids, temp=0.0, logits_processor=[no_eos]):
+        count += 1
+        if first is None:
+            first = time.perf_counter() - t
+        if count == n:
+            break
+    return first, time.perf_counter() - t
+run(4)  # warm-up
+first, total = run(NEW)
+print(json.dumps({"decode_tps": (NEW - 1) / (total - first), "prefill_tps": PROMPT / first, "load_s": load_s,
+                  "weights_gb": os.path.getsize(sys.argv[1]) / 1e9, "peak_rss_gb": (peak_mb() - base) / 1e3}))
+'''.replace("import numpy as np", "import os\nimport numpy as np")
+
+
+def gguf_of(src: Path, qtype: str) -> Path | None:
+    """The checkpoint exported by our own `export-gguf` (cached next to it)."""
+    out = src / f"model-{qtype.lower()}.gguf"
+    if not out.is_file():
+        print(f"  exporting {out.name} ...", file=sys.stderr, flush=True)
+        r = subprocess.run([sys.executable, "-m", "pocketllama", "export-gguf", str(src), "-o", str(out),
+                            "--type", qtype.lower()], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"  export failed: {r.stderr.strip()[-300:]}", file=sys.stderr)
+            return None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="1b")
+    ap.add_argument("--variants", default="bf16,int8,int4-g32")
+    ap.add_argument("--threads", default="2")
+    ap.add_argument("--no-peers", action="store_true")
+    args = ap.parse_args()
+    os.environ["BENCH_THREADS"] = args.threads
+    consts = f"PROMPT, NEW = {PROMPT_TOKENS}, {NEW_TOKENS}\n"
+    peers = not args.no_peers and has_module("llama_cpp")
+    if not args.no_peers and not peers:
+        print("llama-cpp-python is not installed: the llama.cpp rows are skipped", file=sys.stderr)
+    rows = []
+    for shape in args.shapes.split(","):
+        path = random_checkpoint(f"llama-3.2-{shape}", {"1b": LLAMA_32_1B, "3b": LLAMA_32_3B}[shape])
+        for variant in args.variants.split(","):
+            print(f"[{shape}] pocketllama {variant} ...", file=sys.stderr, flush=True)
+            ours = run_json(consts + POCKETLLAMA, str(path), variant, args.threads)
+            row = {"shape": shape, "engine": "pocketllama", "variant": variant, **ours,
+                   "release_gb": RELEASE_GB[shape].get(variant), "loadavg": round(os.getloadavg()[0], 1)}
+            rows.append(row)
+            if peers and variant in PEER_OF:
+                gguf = gguf_of(path, PEER_OF[variant])
+                if gguf is not None:
+                    print(f"[{shape}] llama.cpp {PEER_OF[variant]} ...", file=sys.stderr, flush=True)
+                    theirs = run_json(consts + LLAMA_CPP, str(gguf), variant, args.threads)
+                    rows.append({"shape": shape, "engine": "llama.cpp", "variant": PEER_OF[variant], **theirs,
+                                 "loadavg": round(os.getloadavg()[0], 1)})
+                    if "decode_tps" in ours and "decode_tps" in theirs:
+                        row["vs llama.cpp"] = ours["decode_tps"] / theirs["decode_tps"]
+    cols = ["shape", "engine", "variant", "decode_tps", "vs llama.cpp", "prefill_tps", "weights_gb", "release_gb",
+            "peak_rss_gb", "load_s", "loadavg", "error"]
+    print(table(rows, cols))
+    print(f"\nwritten {save('quant', rows, {'threads': args.threads, 'prompt': PROMPT_TOKENS, 'new': NEW_TOKENS})}")
+
+
+if __name__ == "__main__":
+    main()
