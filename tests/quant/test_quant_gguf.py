@@ -71,6 +71,8 @@ _RSS = textwrap.dedent("""
     from pocketllama.weights.gguf import open_gguf
     with torch.device("meta"):  # warm-up: libtorch code pages touched by building a model are not weights
         LlamaForCausalLM(TextConfig.from_hf(open_gguf(sys.argv[1]).hf_config()))
+    from pocketllama.quant.ext import kernels
+    kernels()  # warm-up: building/loading the C++ kernels (code, not weights) happens once per machine
     open("/proc/self/clear_refs", "w").write("5")
     base = status("VmRSS")
     model, _ = load_model(sys.argv[1])
