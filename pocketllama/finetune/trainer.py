@@ -123,8 +123,8 @@ class CausalLMLoss(nn.Module):
             encode = type(self.model).encode_images.__wrapped__  # the method without its inference no_grad
             kwargs["vision"] = encode(self.model, images, input_ids)
         logits = self.model(input_ids, positions, **kwargs)  # (B, T, V)
-        keep = targets != IGNORE  # (B, T)
-        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+        # no gather of the target rows: its backward would scatter into a fresh (B*T, V) fp32 buffer
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> int:

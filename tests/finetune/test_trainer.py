@@ -170,3 +170,30 @@ def test_config_errors(setup):
         finetune(config(setup, "bad", method="prefix"), log=quiet)
     with pytest.raises(ValueError, match="batch_size and grad_accum must be >= 1"):
         finetune(config(setup, "bad", grad_accum=0), log=quiet)
+
+
+def test_epochs_with_a_short_last_step(setup):
+    """20 training rows in global batches of 6: the 4th step has 2 rows, so its 2nd micro-batch is empty and
+    runs a target-free placeholder row (what keeps ranks in step under DDP / FSDP); it adds no loss."""
+    result = finetune(config(setup, "epoch", max_steps=None, epochs=1, batch_size=3, grad_accum=2, eval_every=0),
+                      log=quiet)
+    assert result.steps == 4 and [r["epoch"] for r in result.history] == [0, 0, 0, 0]
+    from pocketllama.finetune.trainer import StepPlan
+
+    train, cfg = _train_examples(setup)
+    _, rows = StepPlan(train, cfg, global_rows=6).step(3)
+    assert len(rows) == 2
+    assert result.history[3]["targets"] == sum(ex.num_targets for row in rows for ex in row)
+    assert sum(r["targets"] for r in result.history) == sum(ex.num_targets for ex in train)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def _train_examples(setup: Path):
+    import pocketllama
+    from pocketllama.finetune.data import load_examples, split_examples
+
+    cfg = config(setup, "epoch", max_steps=None, epochs=1)
+    llm = pocketllama.load(cfg.model)
+    examples, _ = load_examples(cfg.data, llm.tokenizer, llm.chat_format, max_len=cfg.max_len,
+                                date_string=cfg.date_string)
+    return split_examples(examples, cfg.val_fraction, cfg.seed)[0], cfg
