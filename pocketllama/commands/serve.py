@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                "GET /metrics (Prometheus), GET / (web chat). Use it with the official clients: "
                "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='KEY or anything').")
     add_model_args(p)
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply a LoRA adapter (PEFT folder, e.g. from `pocketllama finetune`) without merging")
     g = p.add_argument_group("network and security")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the "
@@ -109,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.shield and not args.guard:
         raise ValueError("--shield needs a guard model: add --guard MODEL (e.g. meta-llama/Llama-Guard-3-1B)")
     llm = load_from_args(args)
+    if args.adapter is not None:
+        from ..finetune.peft_format import load_adapter
+
+        load_adapter(llm.model, args.adapter, dropout=0.0)
+        llm.model.eval()
     guard = None
     if args.guard:
         from ..server.moderation import build_service

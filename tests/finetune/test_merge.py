@@ -122,3 +122,24 @@ def test_finetune_cli_defaults_are_the_library_defaults(capsys):
         assert flag in text
     assert cmd.main(["--data", "d.jsonl", "-o", "out", "--lora-layers", "1,x"]) == 2
     assert "--lora-layers '1,x' must be a comma list of layer numbers" in capsys.readouterr().err
+
+
+def test_serve_adapter_flag(base, tmp_path, monkeypatch, capsys):
+    """`serve --adapter` applies the adapter to the loaded model before the engine starts (as chat does)."""
+    import pocketllama
+    from pocketllama.commands import serve
+
+    llm = pocketllama.load(base / "base", dtype="float32")
+    monkeypatch.setattr(serve, "load_from_args", lambda args: llm)
+    assert serve.main(["--port", "0", "--adapter", str(tmp_path / "missing")]) == 2
+    assert "missing has no adapter_config.json" in capsys.readouterr().err
+    make_adapter(base / "base", tmp_path / "adapter", scale=0.3)
+    started = {}
+
+    def fake_app(llm, engine, **kwargs):  # stop before uvicorn: the model is what the engine will serve
+        started["model"] = engine.model
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pocketllama.server.create_app", fake_app)
+    assert serve.main(["--port", "0", "--adapter", str(tmp_path / "adapter")]) == 130
+    assert len(lora_modules(started["model"])) == 14 and not started["model"].training
