@@ -86,15 +86,50 @@ def native_scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.
     return torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
 
 
-def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ (weight int8 (N, K) * scales (N, G)).T -> (M, N)."""
+# ---- row-interleaved layouts of the C++ kernels: blocks of ROWS rows stored chunk by chunk, so a block
+# streams from memory as one sequential run (2x the bandwidth of ROWS separate row streams) -------------
+INTERLEAVE = {"int8": (8, 64), "int4": (4, 32)}  # kind -> (rows per block, bytes per row per chunk)
+
+
+def can_interleave(kind: str, n: int, k: int) -> bool:
+    rows, _ = INTERLEAVE[kind]
+    return n % rows == 0 and k % 64 == 0
+
+
+def interleave(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """Canonical (N, B) bytes -> (N/rows, B/chunk, rows, chunk), flattened to (N, B) (same shape, new order)."""
+    rows, chunk = INTERLEAVE[kind]
+    n, b = weight.shape
+    return weight.view(n // rows, rows, b // chunk, chunk).transpose(1, 2).contiguous().view(n, b)
+
+
+def deinterleave(weight: torch.Tensor, kind: str, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Canonical rows r0..r1 (multiples of the block rows) of an interleaved weight."""
+    rows, chunk = INTERLEAVE[kind]
+    n, b = weight.shape
+    r1 = n if r1 is None else r1
+    blocks = weight.view(n // rows, b // chunk, rows, chunk)[r0 // rows: r1 // rows]
+    return blocks.transpose(1, 2).reshape(r1 - r0, b)
+
+
+def interleaved_rows(weight: torch.Tensor, kind: str, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (any shape) of an interleaved weight -> (*ids.shape, B) in canonical byte order."""
+    rows, chunk = INTERLEAVE[kind]
+    n, b = weight.shape
+    blocks = weight.view(n // rows, b // chunk, rows, chunk)
+    return blocks[ids // rows, :, ids % rows].flatten(-2)
+
+
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """x (M, K) @ (weight int8 (N, K) * scales (N, G)).T -> (M, N); `interleaved`: the C++ kernels' layout."""
     if x.shape[0] <= SMALL_M:
-        ext = extension()
-        if ext is not None and (x.shape[1] // scales.shape[1]) % 16 == 0:
-            return ext.int8_gemv(x, weight, scales)
+        if interleaved:
+            return extension().int8_gemv(x, weight, scales)
         if scales.shape[1] == 1 and has_native_int8() and x.dtype == scales.dtype:
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales.view(-1))
-    return _fallback(x, weight.shape[0], lambda r0, r1: _deq_int8(weight[r0:r1], scales[r0:r1], x.dtype))
+    rows = (lambda r0, r1: deinterleave(weight, "int8", r0, r1)) if interleaved else (lambda r0, r1: weight[r0:r1])
+    return _fallback(x, weight.shape[0], lambda r0, r1: _deq_int8(rows(r0, r1), scales[r0:r1], x.dtype),
+                     INTERLEAVE["int8"][0])
 
 
 def int4_mm_native(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
@@ -103,14 +138,15 @@ def int4_mm_native(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torc
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_and_zeros)
 
 
-def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ dequant(canonical int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N)."""
-    if x.shape[0] <= SMALL_M:
-        ext = extension()
-        if ext is not None:
-            return ext.int4_gemv(x, weight, scales, zeros)
+def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+            interleaved: bool = False) -> torch.Tensor:
+    """x (M, K) @ dequant(int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N); canonical or interleaved."""
+    if x.shape[0] <= SMALL_M and interleaved:
+        return extension().int4_gemv(x, weight, scales, zeros)
+    rows = (lambda r0, r1: deinterleave(weight, "int4", r0, r1)) if interleaved else (lambda r0, r1: weight[r0:r1])
     return _fallback(x, weight.shape[0],
-                     lambda r0, r1: _deq_int4(weight[r0:r1], scales[r0:r1], zeros[r0:r1], x.dtype))
+                     lambda r0, r1: _deq_int4(rows(r0, r1), scales[r0:r1], zeros[r0:r1], x.dtype),
+                     INTERLEAVE["int4"][0])
 
 
 def _deq_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,10 +163,11 @@ def _deq_int4(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, d
     return w.view(n, k)
 
 
-def _fallback(x: torch.Tensor, n: int, dequant) -> torch.Tensor:
-    """Dequantize row chunks of the weight and matmul each; a single row takes the GEMV (`mv`) kernel."""
+def _fallback(x: torch.Tensor, n: int, dequant, multiple: int = 1) -> torch.Tensor:
+    """Dequantize row chunks (a multiple of `multiple` rows) of the weight and matmul each; a single row takes
+    the GEMV (`mv`) kernel."""
     k = x.shape[1]
-    rows = max(1, min(n, FALLBACK_CHUNK_VALUES // max(k, 1)))
+    rows = max(multiple, min(n, FALLBACK_CHUNK_VALUES // max(k, 1)) // multiple * multiple)
     if rows >= n:
         w = dequant(0, n)
         return torch.mv(w, x[0]).unsqueeze(0) if x.shape[0] == 1 else F.linear(x, w)

@@ -1,7 +1,8 @@
 """Replacement modules holding quantized buffers: `Int8Linear`, `Int4Linear`, `Int8Embedding`.
 
 Their `state_dict()` is always the canonical layout of `primitives.py` (what checkpoints store); on load
-they may repack into a kernel's layout (PyTorch's int4 CPU layout for bfloat16 activations). Built on the
+they may repack into a kernel's layout (`layout`): "interleaved" rows for pocketllama's C++ kernels,
+"native" for PyTorch's int4 CPU kernel (bfloat16, without the C++ kernels), else "canonical". Built on the
 meta device by `handler.swap_modules`, then filled by the ordinary `load_state_dict(assign=True)`.
 """
 
@@ -59,6 +60,30 @@ class _QuantModule(nn.Module):
     def _set(self, **tensors: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        """The quantized buffers in the checkpoint layout (whatever layout the kernels hold in memory)."""
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for name, t in self.canonical_state().items():
+            destination[prefix + name] = t
+        if getattr(self, "bias", None) is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _int8_layout(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Interleave for the C++ kernel where it applies (sets `layout`); else keep canonical."""
+        n, k = weight.shape
+        groups = scales.shape[1]
+        if (weight.device.type == "cpu" and kernels.extension() is not None and kernels.can_interleave("int8", n, k)
+                and (k // groups) % 16 == 0 and groups <= 1024):
+            self.layout = "interleaved"
+            return kernels.interleave(weight, "int8")
+        self.layout = "canonical"
+        return weight
+
+    def _int8_weight(self) -> torch.Tensor:
+        return kernels.deinterleave(self.weight, "int8") if self.layout == "interleaved" else self.weight
+
     def _store(self, **tensors: torch.Tensor) -> None:
         for name in [n for n in self._buffers if n != "bias"]:
             del self._buffers[name]
@@ -74,6 +99,7 @@ class Int8Linear(_QuantModule):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = 1 if group_size is None else in_features // group_size
+        self.layout = "canonical"
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype or torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
@@ -83,7 +109,10 @@ class Int8Linear(_QuantModule):
         return {"weight": (tuple(self.weight.shape), "int8"), "scales": (tuple(self.scales.shape), "float")}
 
     def _set(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
-        self._store(weight=weight, scales=scales)
+        self._store(weight=self._int8_layout(weight, scales), scales=scales)
+
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self._int8_weight(), "scales": self.scales}
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int | None = None) -> Int8Linear:
@@ -96,16 +125,18 @@ class Int8Linear(_QuantModule):
         return m
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_int8(self.weight, self.scales, dtype or self.scales.dtype)
+        return dequantize_int8(self._int8_weight(), self.scales, dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.int8_mm(x.reshape(-1, self.in_features), self.weight, self.scales)  # (B*T, N)
+        y = kernels.int8_mm(x.reshape(-1, self.in_features), self.weight, self.scales,
+                            self.layout == "interleaved")  # (B*T, N)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"layout={self.layout}")
 
 
 class Int4Linear(_QuantModule):
@@ -134,8 +165,11 @@ class Int4Linear(_QuantModule):
         return {"weight": ((n, k // 2), "uint8"), "scales": ((n, g), "float"), "zeros": ((n, g), "float")}
 
     def _set(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
-        if (scales.dtype == torch.bfloat16 and weight.device.type == "cpu" and kernels.extension() is None
-                and kernels.has_native_int4()):
+        cpu = weight.device.type == "cpu"
+        if cpu and kernels.extension() is not None and kernels.can_interleave("int4", *weight.shape):
+            self.layout = "interleaved"
+            self._store(weight=kernels.interleave(weight, "int4"), scales=scales, zeros=zeros.to(scales.dtype))
+        elif cpu and scales.dtype == torch.bfloat16 and kernels.extension() is None and kernels.has_native_int4():
             self.layout = "native"
             self._store(weight=kernels.native_int4_pack(weight),
                         scales_and_zeros=kernels.native_scales_and_zeros(scales, zeros))
@@ -147,15 +181,14 @@ class Int4Linear(_QuantModule):
         """(weight (N, K/2) uint8, scales (N, G), zeros (N, G)) in the checkpoint layout."""
         if self.layout == "canonical":
             return self.weight, self.scales, self.zeros
+        if self.layout == "interleaved":
+            return kernels.deinterleave(self.weight, "int4"), self.scales, self.zeros
         sz = self.scales_and_zeros  # (G, N, 2)
         weight = kernels.native_int4_unpack(self.weight, self.out_features, self.in_features)
         return weight, sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        for name, t in zip(("weight", "scales", "zeros"), self.canonical(), strict=True):
-            destination[prefix + name] = t
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        return dict(zip(("weight", "scales", "zeros"), self.canonical(), strict=True))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
@@ -175,6 +208,8 @@ class Int4Linear(_QuantModule):
         x2 = x.reshape(-1, self.in_features)  # (B*T, K)
         if self.layout == "native" and x2.dtype == self.scales_and_zeros.dtype:
             y = kernels.int4_mm_native(x2, self.weight, self.scales_and_zeros, self.group_size)
+        elif self.layout == "interleaved":
+            y = kernels.int4_mm(x2, self.weight, self.scales, self.zeros, interleaved=True)
         else:
             y = kernels.int4_mm(x2, *self.canonical())
         if self.bias is not None:
@@ -196,6 +231,7 @@ class Int8Embedding(_QuantModule):
         self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
         self.in_features, self.out_features = embedding_dim, num_embeddings
         groups = 1 if group_size is None else embedding_dim // group_size
+        self.layout = "canonical"
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=dtype or torch.float32,
                                                    device=device))
@@ -204,7 +240,10 @@ class Int8Embedding(_QuantModule):
         return {"weight": (tuple(self.weight.shape), "int8"), "scales": (tuple(self.scales.shape), "float")}
 
     def _set(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
-        self._store(weight=weight, scales=scales)
+        self._store(weight=self._int8_layout(weight, scales), scales=scales)
+
+    def canonical_state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self._int8_weight(), "scales": self.scales}
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding, group_size: int | None = None) -> Int8Embedding:
@@ -215,17 +254,20 @@ class Int8Embedding(_QuantModule):
         return m
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_int8(self.weight, self.scales, dtype or self.scales.dtype)
+        return dequantize_int8(self._int8_weight(), self.scales, dtype or self.scales.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight[ids]  # (..., D) int8
+        if self.layout == "interleaved":
+            rows = kernels.interleaved_rows(self.weight, "int8", ids)  # (..., D) int8
+        else:
+            rows = self.weight[ids]
         groups = self.scales.shape[1]
         w = rows.to(self.scales.dtype).unflatten(-1, (groups, -1)) * self.scales[ids][..., None]
         return w.flatten(-2)  # (..., D)
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., V) = h @ table.T."""
-        y = kernels.int8_mm(h.reshape(-1, self.embedding_dim), self.weight, self.scales)
+        y = kernels.int8_mm(h.reshape(-1, self.embedding_dim), self.weight, self.scales, self.layout == "interleaved")
         return y.view(*h.shape[:-1], self.num_embeddings)
 
     def extra_repr(self) -> str:

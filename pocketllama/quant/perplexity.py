@@ -1,5 +1,6 @@
 """Perplexity over a text with a sliding window (HF's strided evaluation), to show what a recipe costs in
-quality: every token after the first is scored once, with up to `window - stride` tokens of prior context.
+quality: each token is scored once, with at least `window - stride` tokens of prior context (with
+stride == window, a window's first token has no context in the window and is not scored).
 """
 
 from __future__ import annotations

@@ -69,8 +69,10 @@ _RSS = textwrap.dedent("""
     from pocketllama.config import TextConfig
     from pocketllama.models.llama import LlamaForCausalLM
     from pocketllama.weights.gguf import open_gguf
+    from pocketllama.quant import kernels
     with torch.device("meta"):  # warm-up: libtorch code pages touched by building a model are not weights
         LlamaForCausalLM(TextConfig.from_hf(open_gguf(sys.argv[1]).hf_config()))
+    kernels.extension()  # nor is the C++ kernel library (code, loaded once)
     from pocketllama.quant.ext import kernels
     kernels()  # warm-up: building/loading the C++ kernels (code, not weights) happens once per machine
     open("/proc/self/clear_refs", "w").write("5")

@@ -37,8 +37,8 @@ def test_llama_1b_weight_bytes_per_recipe():
     int8 = _estimate(cfg, "int8")
     assert 1.23e9 < int8.weight_bytes < 1.25e9 and set(int8.weights) == {"int8", "bf16"}
     int4 = _estimate(cfg, "int4-g32")
-    block = 16 * (3 * 2048 * 2048 // 2 + 2 * 2048 * 512 // 2 + 3 * 2048 * 8192 // 2)  # q,o + k,v + mlp
-    assert int4.weights["int4-g32"] == block + block // 16 * 4 * 2 // 4  # bf16 scale + zero per 32 values
+    block = 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192)  # q,o + k,v + mlp: 973M weights
+    assert int4.weights["int4-g32"] == block // 2 + block // 32 * 4  # 4 bits + bf16 scale and zero per 32
     assert 0.86e9 < int4.weight_bytes < 0.88e9
     assert bf16.kv_cache == 2 * 16 * 8 * 4096 * 64 * 2  # 134 MB for 4k tokens
     assert "weights int4-g32" in int4.table() and "KV cache" in int4.table()

@@ -49,9 +49,10 @@ def test_int8_linear_matches_dequantized_reference_fp32(shape, group, bias):
 @pytest.mark.parametrize("shape", [(1, 1, 256), (3, 4, 256)])
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int4_linear_matches_dequantized_reference_fp32(shape, group, bias):
+def test_int4_linear_matches_dequantized_reference_fp32(shape, group, bias, backend):
     m = Int4Linear.from_float(_linear(bias=bias), group)
-    assert m.layout == "canonical"  # fp32 scales: the native int4 kernel is bfloat16-only
+    # C++ kernels: rows interleaved; otherwise canonical (PyTorch's int4 kernel is bfloat16-only)
+    assert m.layout == ("interleaved" if backend == "cpp" else "canonical")
     x = _x(*shape)
     torch.testing.assert_close(m(x), _ref(m, x), rtol=1e-5, atol=1e-5)
 
@@ -69,7 +70,9 @@ def test_bf16_kernels_match_reference_within_bf16_rounding(group, rows, backend)
         ref = _ref(m, x)
         assert ((y.float() - ref).abs() <= 2**-7 * ref.abs() + 0.02).all()
     native = backend == "torch" and kernels.has_native_int4()
-    assert Int4Linear.from_float(lin, group).layout == ("native" if native else "canonical")
+    expected = "interleaved" if backend == "cpp" else "native" if native else "canonical"
+    assert Int4Linear.from_float(lin, group).layout == expected
+    assert Int8Linear.from_float(lin).layout == ("interleaved" if backend == "cpp" else "canonical")
 
 
 def test_int4_state_dict_is_canonical_whatever_the_memory_layout():
@@ -86,13 +89,24 @@ def test_int4_state_dict_is_canonical_whatever_the_memory_layout():
         assert torch.equal(a, b)
 
 
+def test_int8_state_dict_is_canonical_whatever_the_memory_layout():
+    m = Int8Linear.from_float(_linear(), 32)
+    sd = m.state_dict()
+    fresh = Int8Linear(256, 192, group_size=32, device="meta")
+    fresh.load_state_dict(sd, assign=True)
+    assert fresh.layout == m.layout and torch.equal(fresh.state_dict()["weight"], sd["weight"])
+    assert torch.equal(sd["weight"], Int8Linear.from_float(_linear(), 32).canonical_state()["weight"])
+    x = _x(1, 256)
+    torch.testing.assert_close(fresh(x), x @ m.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_embedding_lookup_and_tied_projection():
     torch.manual_seed(0)
-    emb = nn.Embedding(100, 64)
+    emb = nn.Embedding(96, 64)  # 96 rows: interleaved for the C++ kernels
     for group in (None, 32):
         m = Int8Embedding.from_float(emb, group)
         table = m.dequantize()
-        ids = torch.tensor([[3, 99, 0], [7, 7, 1]])
+        ids = torch.tensor([[3, 95, 0], [7, 7, 1]])
         torch.testing.assert_close(m(ids), table[ids], rtol=0, atol=0)
         h = _x(2, 3, 64)
         torch.testing.assert_close(m.attend(h), h @ table.T, rtol=1e-5, atol=1e-5)
