@@ -35,7 +35,7 @@ def test_lora_teaches_smollm2_a_persona(tmp_path):
     write_jsonl(tmp_path / "persona.jsonl", records)
     cfg = FinetuneConfig(data=str(tmp_path / "persona.jsonl"), output=str(tmp_path / "out"), model=None,
                          method="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_layers=list(range(22, 30)),
-                         max_steps=14, batch_size=4, grad_accum=1, lr=3e-3, warmup_steps=1, eval_every=7,
+                         max_steps=10, batch_size=4, grad_accum=1, lr=3e-3, warmup_steps=1, eval_every=5,
                          save_every=0, val_fraction=0.15, max_len=96, progress=False, seed=0)
     result = finetune(cfg, log=lambda _: None)
     first, last = result.evals[0]["eval_loss"], result.evals[-1]["eval_loss"]
