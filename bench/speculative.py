@@ -1,11 +1,16 @@
 """Speculative decoding and prompt caching: decode tokens/s with and without speculation, acceptance rate, and
-time to first token for a 2,000-token system prompt, cold vs cached. Each configuration in a fresh process.
+time to first token for a 2,000-token system prompt, cold vs cached. Each model in a fresh process that runs
+its modes interleaved (plain, drafted, ...) `--reps` times and reports medians: a load swing on a shared
+machine then hits every mode alike.
 
 Rows (greedy, so every speculative run must print the same tokens as plain decoding; `same` checks it):
 - 1b-bf16: Llama-3.2-1B-shaped random bf16 checkpoint, 128-token prompt, 64 new tokens: plain, self-int4
   draft, and a draft that never agrees (self-int4 shifted by one id: the fallback must hold the loss <= 5%).
+  The draft and target K/V caches, the draft's prompt prefill and the pauses all count in the tok/s.
 - smollm2: SmolLM2-135M-Instruct (GGUF Q4_1, loaded as float32: both rows measure the same dense model)
   summarising an article, prompt lookup vs plain.
+- smollm2-bf16: the same task with a real model's int4 self-draft (bf16 target; random 1B weights make
+  near-flat distributions that int4 noise reorders, so only a real model shows int4 acceptance).
 - ttft: a 2,000-token system prompt, cold prefill vs a `cache-prompt` file vs the in-memory session.
 
     python bench/speculative.py [--rows 1b,smollm2,ttft] [--threads 2] [--new 64]
@@ -38,13 +43,13 @@ ARTICLE = (
 WORKLOAD = '''
 import torch
 torch.set_num_threads(int(sys.argv[3]))
-import hashlib
+import hashlib, statistics
 import pocketllama
 from pocketllama.engine.generate import generate
 from pocketllama.engine.sampling import SamplingParams
 from pocketllama.engine.drafters import make_drafter
-mode = sys.argv[2]
-llm = pocketllama.load(sys.argv[1], quantize=False if KIND == "smollm2" else None)
+modes = sys.argv[2].split(",")
+llm = pocketllama.load(sys.argv[1], dtype=DTYPE, quantize=False if KIND == "smollm2" else None)
 llm.prompt_cache = False
 if KIND == "1b":
     text = "The history of the city begins with a small settlement on the river. " * 40
@@ -52,32 +57,46 @@ if KIND == "1b":
 else:
     ids = llm.apply_chat_template([{"role": "user", "content": "Summarize this article in a few sentences, "
                                     "keeping its key facts and names:\\n\\n" + ARTICLE}])
-drafter = None
-if mode != "plain":
-    drafter = make_drafter("self-int4" if mode == "bad-draft" else mode, llm)
-    if mode == "bad-draft":  # a draft that pays the int4 model's cost and is always wrong
-        inner = drafter
-        class Shifted:
-            name, catchup = "bad-draft", 0
-            def start(self, *a): inner.start(*a)
-            def settle(self, n): inner.settle(n)
-            def propose(self, seq, k, dist, generated, g):
-                out, q = inner.propose(seq, k, dist, generated, g)
-                self.catchup = inner.catchup
-                out = [(t + 1) % llm.config.vocab_size for t in out]
-                if out:
-                    generated[0, g:g + len(out)] = torch.tensor(out)
-                return out, None
-        drafter = Shifted()
+class Shifted:  # a draft that pays the int4 model's cost and is always wrong
+    name, catchup = "bad-draft", 0
+    def __init__(self, inner):
+        self.inner = inner
+    def start(self, *a):
+        self.inner.start(*a)
+    def settle(self, n):
+        self.inner.settle(n)
+    def propose(self, seq, k, dist, generated, g):
+        out, q = self.inner.propose(seq, k, dist, generated, g)
+        self.catchup = self.inner.catchup
+        out = [(t + 1) % llm.config.vocab_size for t in out]
+        if out:
+            generated[0, g:g + len(out)] = torch.tensor(out)
+        return out, None
+drafters = {"plain": None}
+for mode in modes:
+    if mode == "bad-draft":
+        drafters[mode] = Shifted(drafters.get("self-int4") or make_drafter("self-int4", llm))
+    elif mode != "plain":
+        drafters[mode] = make_drafter(mode, llm)
 params = SamplingParams(max_tokens=NEW, ignore_eos=KIND == "1b")
-kw = {"drafter": drafter, "num_draft": 8} if drafter is not None else {}
+runs = {m: [] for m in modes}
 with torch.inference_mode():
-    generate(llm.model, llm.tokenizer, ids[:24], params.replace(max_tokens=8), **kw)  # warm-up
-    r = generate(llm.model, llm.tokenizer, ids, params, **kw)
-print(json.dumps({"prompt_tokens": len(ids), "tokens": r.generation_tokens, "decode_tps": r.generation_tps,
-                  "ttft_s": r.prompt_time, "acceptance": r.acceptance_rate, "drafted": r.draft_tokens,
-                  "accepted": r.accepted_tokens, "out": hashlib.sha1(str(r.tokens).encode()).hexdigest()[:10],
-                  "text": r.text[:80], "rss_mb": rss_mb()}))
+    for m in modes:  # warm-up, each drafter's first use included
+        kw = {"drafter": drafters[m], "num_draft": 8} if drafters[m] is not None else {}
+        generate(llm.model, llm.tokenizer, ids[:24], params.replace(max_tokens=8), **kw)
+    for rep in range(REPS):  # interleaved, so a load swing hits every mode alike
+        for m in modes:
+            kw = {"drafter": drafters[m], "num_draft": 8} if drafters[m] is not None else {}
+            runs[m].append(generate(llm.model, llm.tokenizer, ids, params, **kw))
+out = {}
+for m, rs in runs.items():
+    r = rs[-1]
+    tps = [x.generation_tps for x in rs]
+    out[m] = {"prompt_tokens": len(ids), "tokens": r.generation_tokens, "decode_tps": statistics.median(tps),
+              "tps_runs": [round(t, 2) for t in tps], "ttft_s": statistics.median(x.prompt_time for x in rs),
+              "acceptance": r.acceptance_rate, "drafted": r.draft_tokens, "accepted": r.accepted_tokens,
+              "out": hashlib.sha1(str(r.tokens).encode()).hexdigest()[:10], "text": r.text[:60], "rss_mb": rss_mb()}
+print(json.dumps(out))
 '''
 
 TTFT = '''
@@ -129,10 +148,11 @@ def smollm2() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1b,smollm2,ttft")
+    ap.add_argument("--rows", default="1b,smollm2,smollm2-int4,ttft")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--new", type=int, default=64, help="new tokens per decode run (SmolLM2: twice as many)")
     ap.add_argument("--system-tokens", type=int, default=2000)
+    ap.add_argument("--reps", type=int, default=3, help="decode runs per mode, interleaved; the median counts")
     args = ap.parse_args()
     os.environ["BENCH_THREADS"] = args.threads
     load_before = os.getloadavg()
@@ -140,22 +160,24 @@ def main() -> None:
     wanted = args.rows.split(",")
     jobs = []
     if "1b" in wanted:
-        jobs += [("1b-bf16", random_checkpoint(), mode, "1b", args.new) for mode in ("plain", "self-int4", "bad-draft")]
+        jobs.append(("1b-bf16", random_checkpoint(), ["plain", "self-int4", "bad-draft"], "1b", args.new, None))
     if "smollm2" in wanted:
-        jobs += [("smollm2", smollm2(), mode, "smollm2", 2 * args.new) for mode in ("plain", "prompt-lookup")]
-    base: dict[str, dict] = {}
-    for name, path, mode, kind, new in jobs:
-        print(f"[{name}] {mode} ...", file=sys.stderr, flush=True)
-        consts = f"KIND, NEW, ARTICLE = {kind!r}, {new}, {ARTICLE!r}\n"
-        r = run_json(RSS_HELPERS + consts + WORKLOAD, str(path), mode, args.threads)
-        if mode == "plain":
-            base[name] = r
-        ref = base.get(name, {})
-        row = {"model": name, "draft": mode, **r}
-        if mode != "plain" and "decode_tps" in r and "decode_tps" in ref:
-            row["speedup"] = r["decode_tps"] / ref["decode_tps"]
-            row["same"] = r["out"] == ref["out"]
-        decode_rows.append(row)
+        jobs.append(("smollm2", smollm2(), ["plain", "prompt-lookup"], "smollm2", 2 * args.new, None))
+    if "smollm2-int4" in wanted:  # a real model's int4 self-draft (bf16 activations: the native int4 kernel)
+        jobs.append(("smollm2-bf16", smollm2(), ["plain", "self-int4", "bad-draft"], "smollm2", 2 * args.new,
+                     "bfloat16"))
+    for name, path, modes, kind, new, dtype in jobs:
+        print(f"[{name}] {', '.join(modes)} ...", file=sys.stderr, flush=True)
+        consts = f"KIND, NEW, DTYPE, REPS, ARTICLE = {kind!r}, {new}, {dtype!r}, {args.reps}, {ARTICLE!r}\n"
+        result = run_json(RSS_HELPERS + consts + WORKLOAD, str(path), ",".join(modes), args.threads)
+        ref = result.get("plain", {})
+        for mode in modes:
+            r = result.get(mode, {"error": result.get("error")})
+            row = {"model": name, "draft": mode, **r}
+            if mode != "plain" and "decode_tps" in r and "decode_tps" in ref:
+                row["speedup"] = r["decode_tps"] / ref["decode_tps"]
+                row["same"] = r["out"] == ref["out"]
+            decode_rows.append(row)
     if "ttft" in wanted:
         for name, path in (("1b-bf16", random_checkpoint()), ("smollm2", smollm2())):
             print(f"[ttft] {name} ...", file=sys.stderr, flush=True)
@@ -164,7 +186,7 @@ def main() -> None:
     meta = {"loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     if decode_rows:
         print(table(decode_rows, ["model", "draft", "decode_tps", "speedup", "acceptance", "drafted", "accepted",
-                                  "tokens", "same", "ttft_s", "rss_mb", "error"]))
+                                  "tokens", "same", "tps_runs", "ttft_s", "rss_mb", "error"]))
     if ttft_rows:
         print()
         print(table(ttft_rows, ["model", "prompt_tokens", "cached_tokens", "ttft_cold_s", "ttft_file_s",

@@ -177,7 +177,7 @@ class _Controller:
                 self.acc, self.tested = self.PRIOR  # old evidence is stale after a pause
             return 0
         if self.fit[0] == 0 or self.t_draft is None:
-            return min(4, self.k_max)
+            return min(2, self.k_max)  # cheap rounds until the draft's cost is measured (the first catches up)
         k, rate = self.best()
         # A verification of 0 drafts is a plain step: the fit guards against a stale, slow plain measurement.
         if rate < 1.0 / min(self.t_plain or math.inf, self.verify_cost(0)):
