@@ -7,6 +7,9 @@ Rows (greedy, so every speculative run must print the same tokens as plain decod
 - 1b-bf16: Llama-3.2-1B-shaped random bf16 checkpoint, 128-token prompt, 64 new tokens: plain, self-int4
   draft, and a draft that never agrees (self-int4 shifted by one id: the fallback must hold the loss <= 5%).
   The draft and target K/V caches, the draft's prompt prefill and the pauses all count in the tok/s.
+  Random weights give near-flat distributions that int4 noise reorders (acceptance ~0), so `oracle-A` rows
+  pay the real int4 draft's cost but propose plain decoding's next token with probability A: the speed-up
+  this machine gets at acceptance A, the number a real checkpoint's acceptance maps onto.
 - smollm2: SmolLM2-135M-Instruct (GGUF Q4_1, loaded as float32: both rows measure the same dense model)
   summarising an article, prompt lookup vs plain.
 - smollm2-bf16: the same task with a real model's int4 self-draft (bf16 target; random 1B weights make
@@ -72,10 +75,27 @@ class Shifted:  # a draft that pays the int4 model's cost and is always wrong
         if out:
             generated[0, g:g + len(out)] = torch.tensor(out)
         return out, None
+class Oracle(Shifted):  # pays the int4 draft's real cost; proposes plain decoding's next ids with prob. RATE
+    name = "oracle"
+    def __init__(self, inner, rate):
+        super().__init__(inner)
+        self.rate, self.rng, self.truth = rate, random.Random(0), []
+    def propose(self, seq, k, dist, generated, g):
+        out, q = self.inner.propose(seq, k, dist, generated, g)
+        self.catchup = self.inner.catchup
+        n = len(seq) - len(ids)  # generated ids so far
+        out = [t if self.rng.random() < self.rate else (t + 1) % llm.config.vocab_size
+               for t in self.truth[n:n + len(out)]]
+        if out:
+            generated[0, g:g + len(out)] = torch.tensor(out)
+        return out, None
+import random
 drafters = {"plain": None}
 for mode in modes:
     if mode == "bad-draft":
         drafters[mode] = Shifted(drafters.get("self-int4") or make_drafter("self-int4", llm))
+    elif mode.startswith("oracle-"):
+        drafters[mode] = Oracle(drafters.get("self-int4") or make_drafter("self-int4", llm), float(mode[7:]))
     elif mode != "plain":
         drafters[mode] = make_drafter(mode, llm)
 params = SamplingParams(max_tokens=NEW, ignore_eos=KIND == "1b")
@@ -88,6 +108,10 @@ with torch.inference_mode():
         for m in modes:
             kw = {"drafter": drafters[m], "num_draft": 8} if drafters[m] is not None else {}
             runs[m].append(generate(llm.model, llm.tokenizer, ids, params, **kw))
+            if m == "plain":
+                for d in drafters.values():
+                    if isinstance(d, Oracle):
+                        d.truth = runs[m][-1].tokens
 out = {}
 for m, rs in runs.items():
     r = rs[-1]
@@ -153,6 +177,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="new tokens per decode run (SmolLM2: twice as many)")
     ap.add_argument("--system-tokens", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=3, help="decode runs per mode, interleaved; the median counts")
+    ap.add_argument("--modes-1b", default="plain,self-int4,bad-draft,oracle-0.8,oracle-0.9",
+                    help="1b-bf16 modes (plain first)")
     args = ap.parse_args()
     os.environ["BENCH_THREADS"] = args.threads
     load_before = os.getloadavg()
@@ -160,7 +186,7 @@ def main() -> None:
     wanted = args.rows.split(",")
     jobs = []
     if "1b" in wanted:
-        jobs.append(("1b-bf16", random_checkpoint(), ["plain", "self-int4", "bad-draft"], "1b", args.new, None))
+        jobs.append(("1b-bf16", random_checkpoint(), args.modes_1b.split(","), "1b", args.new, None))
     if "smollm2" in wanted:
         jobs.append(("smollm2", smollm2(), ["plain", "prompt-lookup"], "smollm2", 2 * args.new, None))
     if "smollm2-int4" in wanted:  # a real model's int4 self-draft (bf16 activations: the native int4 kernel)
