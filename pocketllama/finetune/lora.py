@@ -217,14 +217,19 @@ class _FrozenQuantMatmul(torch.autograd.Function):
 
 
 def _row_dequantizer(module: nn.Module, dtype: torch.dtype) -> Any:
-    """(r0, r1) -> float rows r0:r1 of a quantized layer's weight (N, K)."""
-    from ..quant.modules import Int4Linear
-    from ..quant.primitives import dequantize_int4, dequantize_int8
+    """(r0, r1) -> float rows r0:r1 of a quantized layer's weight (N, K), through the module's own public,
+    layout-aware methods (its in-memory layout belongs to quant/)."""
+    from ..quant.modules import Int4Linear, Int8Embedding
+    from ..quant.primitives import dequantize_int4
 
-    if isinstance(module, Int4Linear):
-        w, s, z = module.canonical()  # native layout: unpacked for this backward only (memory stays int4)
+    if isinstance(module, Int8Embedding):  # the (tied) vocabulary table: too big to dequantize whole
+        device = next(module.buffers()).device
+        return lambda r0, r1: module(torch.arange(r0, r1, device=device)).to(dtype)  # (rows, D)
+    if isinstance(module, Int4Linear):  # canonical parts (a view or one unpack), then row chunks
+        w, s, z = module.canonical()
         return lambda r0, r1: dequantize_int4(w[r0:r1], s[r0:r1], z[r0:r1], dtype)
-    return lambda r0, r1: dequantize_int8(module.weight[r0:r1], module.scales[r0:r1], dtype)
+    full = module.dequantize(dtype)  # int8: (N, K), transient for this backward
+    return lambda r0, r1: full[r0:r1]
 
 
 def enable_quantized_input_grads(model: nn.Module) -> None:
