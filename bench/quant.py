@@ -2,7 +2,9 @@
 random Llama-3.2-shaped checkpoint, and beside the release table's memory figures (SPEC 8).
 
 Per variant, in a fresh process: resident weight bytes, peak RSS of load + generation, load time, decode
-tokens/s (64 greedy tokens after a 128-token prompt, no early stop) and prefill tokens/s.
+tokens/s (64 greedy tokens after a 128-token prompt, no early stop), prefill tokens/s, and CPU milliseconds
+per decoded token (process CPU time: with --threads 1 a fair cost when the machine is shared; with more
+threads it includes the pool's spin-waiting).
 
     python bench/quant.py [--shapes 1b,3b] [--variants bf16,int8,int4-g32] [--threads 2] [--no-peers]
 """
@@ -41,8 +43,14 @@ ids = torch.randint(100, 1000, (PROMPT,), generator=torch.Generator().manual_see
 params = SamplingParams(max_tokens=NEW, ignore_eos=True)
 with torch.inference_mode():
     generate(llm.model, llm.tokenizer, ids[:16], params.replace(max_tokens=8))  # warm-up
+    c = time.process_time()
+    generate(llm.model, llm.tokenizer, ids, params.replace(max_tokens=1))
+    c1 = time.process_time() - c
+    c = time.process_time()
     r = generate(llm.model, llm.tokenizer, ids, params)
-print(json.dumps({"decode_tps": r.generation_tps, "prefill_tps": r.prompt_tps, "load_s": load_s,
+    cpu_ms = (time.process_time() - c - c1) / (NEW - 1) * 1e3
+print(json.dumps({"decode_tps": r.generation_tps, "cpu_ms_per_token": cpu_ms, "prefill_tps": r.prompt_tps,
+                  "load_s": load_s,
                   "weights_gb": weights / 1e9, "peak_rss_gb": (peak_mb() - base) / 1e3,
                   "ext": kernels.extension() is not None}))
 '''
@@ -63,17 +71,18 @@ def no_eos(_, logits):
 def run(n):
     llm.reset()
     t = time.perf_counter()
-    first, count = None, 0
+    first, count, cpu = None, 0, 0.0
     for _ in llm.generate(ids, temp=0.0, logits_processor=[no_eos]):
         count += 1
         if first is None:
-            first = time.perf_counter() - t
+            first, cpu = time.perf_counter() - t, time.process_time()
         if count == n:
             break
-    return first, time.perf_counter() - t
+    return first, time.perf_counter() - t, time.process_time() - cpu
 run(4)  # warm-up
-first, total = run(NEW)
-print(json.dumps({"decode_tps": (NEW - 1) / (total - first), "prefill_tps": PROMPT / first, "load_s": load_s,
+first, total, cpu = run(NEW)
+print(json.dumps({"decode_tps": (NEW - 1) / (total - first), "cpu_ms_per_token": cpu / (NEW - 1) * 1e3,
+                  "prefill_tps": PROMPT / first, "load_s": load_s,
                   "weights_gb": os.path.getsize(sys.argv[1]) / 1e9, "peak_rss_gb": (peak_mb() - base) / 1e3}))
 '''.replace("import numpy as np", "import os\nimport numpy as np")
 
@@ -121,8 +130,8 @@ def main() -> None:
                                  "loadavg": round(os.getloadavg()[0], 1)})
                     if "decode_tps" in ours and "decode_tps" in theirs:
                         row["vs llama.cpp"] = ours["decode_tps"] / theirs["decode_tps"]
-    cols = ["shape", "engine", "variant", "decode_tps", "vs llama.cpp", "prefill_tps", "weights_gb", "release_gb",
-            "peak_rss_gb", "load_s", "loadavg", "error"]
+    cols = ["shape", "engine", "variant", "decode_tps", "vs llama.cpp", "cpu_ms_per_token", "prefill_tps",
+            "weights_gb", "release_gb", "peak_rss_gb", "load_s", "loadavg", "error"]
     print(table(rows, cols))
     print(f"\nwritten {save('quant', rows, {'threads': args.threads, 'prompt': PROMPT_TOKENS, 'new': NEW_TOKENS})}")
 
