@@ -102,11 +102,11 @@ params = SamplingParams(max_tokens=NEW, ignore_eos=KIND == "1b")
 runs = {m: [] for m in modes}
 with torch.inference_mode():
     for m in modes:  # warm-up, each drafter's first use included
-        kw = {"drafter": drafters[m], "num_draft": 8} if drafters[m] is not None else {}
+        kw = {"drafter": drafters[m]} if drafters[m] is not None else {}
         generate(llm.model, llm.tokenizer, ids[:24], params.replace(max_tokens=8), **kw)
     for rep in range(REPS):  # interleaved, so a load swing hits every mode alike
         for m in modes:
-            kw = {"drafter": drafters[m], "num_draft": 8} if drafters[m] is not None else {}
+            kw = {"drafter": drafters[m]} if drafters[m] is not None else {}
             runs[m].append(generate(llm.model, llm.tokenizer, ids, params, **kw))
             if m == "plain":
                 for d in drafters.values():

@@ -29,7 +29,7 @@ class LLM:
     _chat_format: Any = field(default=None, repr=False)
     # Speculative decoding and prompt caching (engine/speculative.py, engine/prefix_cache.py):
     draft: Any = None  # a drafter (see `load(draft=...)`); every generation then speculates
-    num_draft: int = 8  # most tokens drafted per round
+    num_draft: int = 7  # most tokens drafted per round (see engine/speculative.DEFAULT_DRAFT)
     prompt_cache: bool = True  # keep the last request's KV cache; a prompt sharing its prefix skips that prefill
     _session: Any = field(default=None, repr=False)
 
@@ -188,7 +188,7 @@ class LLM:
 
 def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device = "cpu", progress: bool | None = None, quantize: Any = None,
-         context: int | None = None, draft: Any = None, num_draft: int = 8) -> LLM:
+         context: int | None = None, draft: Any = None, num_draft: int = 7) -> LLM:
     """Load a model from a folder (HF or Meta), a .gguf file, an HF cache repo id or an alias.
 
     >>> llm = pocketllama.load("smollm2-135m")                      # doctest: +SKIP

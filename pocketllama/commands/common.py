@@ -39,8 +39,8 @@ def add_speculation_args(p: argparse.ArgumentParser) -> None:
                         "this model, quantized, drafts for itself")
     g.add_argument("--prompt-lookup", action="store_true",
                    help="draft by n-gram lookup in the prompt (summaries, code edits); no second model")
-    g.add_argument("--num-draft", type=int, default=8, metavar="K",
-                   help="most tokens drafted per round, 1-15 (adapted to the acceptance rate; default 8)")
+    g.add_argument("--num-draft", type=int, default=7, metavar="K",
+                   help="most tokens drafted per round, 1-15 (adapted to the acceptance rate; default 7)")
     g.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="a prefix saved by `pocketllama cache-prompt`: prompts that start with it skip its prefill")
 

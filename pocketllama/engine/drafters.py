@@ -24,6 +24,11 @@ class ModelDrafter:
     already holds (the previous turn, the previous round) is never fed again: each round feeds only the
     ids committed since, then one token per draft."""
 
+    # A short catch-up (ids committed since the last round, a pause's worth) goes in pieces of SMALL_CHUNK:
+    # quantized drafts run few-row inputs on GEMV kernels (quant.kernels.SMALL_M) and larger ones on a
+    # dequantize-then-GEMM path that costs seconds per call on CPU, whatever the row count.
+    SMALL_CHUNK, SMALL_CATCHUP = 8, 48
+
     def __init__(self, model: nn.Module, name: str = "draft", prefill_step_size: int = 512) -> None:
         self.model, self.name, self.chunk = model, name, prefill_step_size
         self.session = SessionCache(model)
@@ -48,7 +53,8 @@ class ModelDrafter:
         self.fork = fork = self.processors.fork()
         drafted, qs = [], []
         with torch.no_grad():
-            logits = prefill(self.model, seq, cache, c, self.chunk)  # (1, V) after the last committed id
+            chunk = self.SMALL_CHUNK if self.catchup <= self.SMALL_CATCHUP else self.chunk
+            logits = prefill(self.model, seq, cache, c, chunk)  # (1, V) after the last committed id
             for i in range(k):
                 x = fork(logits, generated[:, :g + i])
                 if dist.greedy:

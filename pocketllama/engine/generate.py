@@ -309,7 +309,7 @@ def stream_generate(
     sampler: Sampler | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     drafter: Any = None,
-    num_draft: int = 8,
+    num_draft: int = 7,
 ) -> Iterator[GenerationResponse]:
     """Generate for one prompt (ids, or text encoded with the tokenizer's BOS convention) under `params`.
 

@@ -28,6 +28,8 @@ from .sampling import (
 
 # Verification feeds k + 1 tokens; up to models.llama.SMALL_QUERY (16) queries take the grouped attention path.
 MAX_DRAFT = 15
+# Default k: a verification of 7 + 1 rows stays on the GEMV kernels of a quantized target (quant.kernels.SMALL_M).
+DEFAULT_DRAFT = 7
 PROBE_AFTER = 16  # plain tokens before drafting is tried again, doubled after each failed try ...
 MAX_PAUSE = 256  # ... up to this many
 
@@ -287,7 +289,7 @@ def speculative_generate_step(
     max_len: int | None = None,
     truncate: Truncate = "error",
     compile: bool = False,
-    num_draft: int = 8,
+    num_draft: int = DEFAULT_DRAFT,
     adaptive: bool = True,
 ) -> SpeculativeSteps:
     """`generate_step` with a drafter: same arguments and yields, same tokens under greedy decoding, the same
