@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..engine.kv_cache import KVCache, round_up
+from ..quant.kernels import SMALL_M, dense_mm
 from .rope import RotaryEmbedding, apply_rotary
 
 # Attend over the cache in windows of this many slots: keeps decode cost proportional to the context used
@@ -23,14 +24,12 @@ SMALL_QUERY = 16
 
 
 class Linear(nn.Linear):
-    """nn.Linear that takes the GEMV kernel for a single row (decode): `mv` streams the weight at close to
-    memory bandwidth, `linear` on a [1, K] input does not (PERF.md)."""
+    """nn.Linear whose decode-sized bfloat16 inputs take pocketllama's GEMV kernel (`quant.kernels.dense_mm`),
+    which streams the weight at close to memory bandwidth where oneDNN's `linear` and `mv` do not."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and self.weight.dtype == x.dtype:
-            y = torch.mv(self.weight, x.reshape(-1))
-            if self.bias is not None:
-                y = y + self.bias
+        if x.dtype == torch.bfloat16 and x.numel() <= SMALL_M * self.in_features:
+            y = dense_mm(x.reshape(-1, self.in_features), self.weight, self.bias)  # (rows, N)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -42,8 +41,8 @@ class Embedding(nn.Embedding):
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., vocab) = h @ weight.T."""
         w = self.weight
-        if h.numel() == h.shape[-1] and w.dtype == h.dtype:  # one row: the GEMV kernel (see Linear)
-            return torch.mv(w, h.reshape(-1)).view(*h.shape[:-1], -1)
+        if h.dtype == torch.bfloat16 and h.numel() <= SMALL_M * h.shape[-1]:  # decode rows: see Linear
+            return dense_mm(h.reshape(-1, h.shape[-1]), w).view(*h.shape[:-1], -1)
         return F.linear(h, w)
 
 

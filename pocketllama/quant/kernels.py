@@ -92,6 +92,8 @@ INTERLEAVE = {"int8": (8, 64), "int4": (4, 32)}  # kind -> (rows per block, byte
 
 
 def can_interleave(kind: str, n: int, k: int) -> bool:
+    """The C++ kernels take an (N, K) weight of this kind: N a multiple of the block rows, K (values, not
+    packed bytes) a multiple of 64."""
     rows, _ = INTERLEAVE[kind]
     return n % rows == 0 and k % 64 == 0
 
@@ -118,6 +120,20 @@ def interleaved_rows(weight: torch.Tensor, kind: str, ids: torch.Tensor) -> torc
     n, b = weight.shape
     blocks = weight.view(n // rows, b // chunk, rows, chunk)
     return blocks[ids // rows, :, ids % rows].flatten(-2)
+
+
+def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K).T (+ bias) for a float weight. Decode-sized bfloat16 inputs take the C++ bf16
+    GEMV (vdpbf16ps, ~1.5x the bandwidth of oneDNN's `linear` or `mv` for M = 1 on these CPUs); everything
+    else `F.linear`."""
+    if (x.shape[0] <= SMALL_M and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and x.shape[1] % 32 == 0 and weight.is_contiguous() and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):  # no autograd
+        ext = extension()
+        if ext is not None and hasattr(ext, "bf16_gemv"):
+            y = ext.bf16_gemv(x, weight)
+            return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

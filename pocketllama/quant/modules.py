@@ -166,7 +166,9 @@ class Int4Linear(_QuantModule):
 
     def _set(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
         cpu = weight.device.type == "cpu"
-        if cpu and kernels.extension() is not None and kernels.can_interleave("int4", *weight.shape):
+        n, k, groups = self.out_features, self.in_features, scales.shape[1]
+        if (cpu and kernels.extension() is not None and kernels.can_interleave("int4", n, k)
+                and (k // groups) % 32 == 0 and groups <= 1024):
             self.layout = "interleaved"
             self._store(weight=kernels.interleave(weight, "int4"), scales=scales, zeros=zeros.to(scales.dtype))
         elif cpu and scales.dtype == torch.bfloat16 and kernels.extension() is None and kernels.has_native_int4():

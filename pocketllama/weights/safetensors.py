@@ -1,7 +1,8 @@
 """HF checkpoint folders: `model.safetensors` or sharded `model.safetensors.index.json`, memory-mapped.
 
-Tensors are views of a private (copy-on-write) mapping of each file: loading in the file's dtype costs no
-copy, and a dtype conversion releases the mapped pages of each tensor once it is converted.
+Each file is mapped once (private, copy-on-write); every tensor is copied (converting its dtype if asked)
+into anonymous huge-page memory, which decode streams faster than file-backed pages, and the mapped pages
+of that tensor are released right after, so RSS holds one copy of the model plus one tensor at most.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .hugepages import empty_huge
 
 _ST_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -65,14 +68,13 @@ class SafetensorsFile:
         else:
             t = torch.frombuffer(self._mm, dtype=src_dtype, count=(end - begin) // src_dtype.itemsize,
                                  offset=self._base + begin).view(e["shape"])
-        if dtype is None or dtype == src_dtype:
-            return t
-        out = t.to(dtype)
+        out = empty_huge(t.shape, dtype or src_dtype)  # anonymous, huge-page memory streams faster (hugepages.py)
+        out.copy_(t)
         self._release(self._base + begin, self._base + end)
         return out
 
     def _release(self, begin: int, end: int) -> None:
-        """Drop the mapped pages of a converted tensor so RSS holds only the converted copy."""
+        """Drop the mapped pages of a copied tensor so RSS holds only the copy."""
         page = mmap.PAGESIZE
         start = (begin + page - 1) // page * page
         stop = end // page * page

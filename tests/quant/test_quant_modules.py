@@ -131,3 +131,27 @@ def test_loading_a_mismatched_part_names_the_tensor_and_the_cause():
 def test_int4_linear_rejects_groups_that_do_not_divide_the_row():
     with pytest.raises(ValueError, match="in_features 160 is not a multiple of group_size 64"):
         Int4Linear(160, 64, group_size=64)
+
+
+@pytest.mark.parametrize("k", [576, 1536])
+def test_int4_rows_whose_packed_width_is_not_a_multiple_of_64_bytes_still_take_the_cpp_kernel(k, backend):
+    """SmolLM2's 576-wide rows pack into 288 bytes: the C++ kernel needs K % 64 == 0 in values, not bytes."""
+    m = Int4Linear.from_float(_linear(k=k, n=64), 32)
+    assert m.layout == ("interleaved" if backend == "cpp" else "canonical")
+    x = _x(1, k)
+    torch.testing.assert_close(m(x), _ref(m, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("n", [64, 203])
+def test_dense_bf16_gemv_matches_float_reference_within_bf16_rounding(rows, n, backend):
+    """`dense_mm` (C++ bf16 GEMV for <= 8 rows, N not a multiple of its 8-row blocks included; else
+    F.linear) equals the fp32 product of the same bf16 values up to the bf16 rounding of the output."""
+    w = _x(n, 512, dtype=torch.bfloat16)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16)
+    ref = F.linear(x.float(), w.float(), bias.float())
+    with torch.inference_mode():
+        y = kernels.dense_mm(x, w, bias)
+    assert y.shape == (rows, n) and y.dtype == torch.bfloat16
+    assert ((y.float() - ref).abs() <= 2**-7 * ref.abs() + 0.05).all()

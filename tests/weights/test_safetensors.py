@@ -130,7 +130,7 @@ def big_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype,bound", [("bfloat16", 1.25), ("float32", 2.3)])
 def test_peak_rss_holds_one_copy(big_checkpoint, dtype, bound):
-    """bf16 load: the mmap is the copy (<= 1.25x file). fp32 load: the fp32 copy (2x) plus one tensor."""
+    """bf16 load: one anonymous copy plus one tensor (<= 1.25x file). fp32 load: the fp32 copy (2x) plus one."""
     path, size = big_checkpoint
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), dtype], capture_output=True, text=True,
                          check=True)

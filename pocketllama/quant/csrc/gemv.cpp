@@ -174,6 +174,55 @@ inline void int4_block_bf16(const c10::BFloat16* xe, const c10::BFloat16* xo, co
 }
 #endif
 
+// ---- bf16 x bf16 (dense weights) --------------------------------------------------------------------
+// W (N, K) bf16 row-major as stored in the checkpoint (no repacking, so LoRA, saving and the float paths see
+// the same tensor). R rows at a time share each load of x; each vdpbf16ps does 32 multiply-adds with fp32
+// accumulation (products of bf16 values are exact in fp32), like oneDNN's bf16 GEMM up to summation order.
+#ifdef __AVX512BF16__
+constexpr int ROWS_BF16 = 8;  // measured: 8 rows, no software prefetch, ~30 GB/s on 2 Zen 4 cores
+
+inline void bf16_block(const c10::BFloat16* x, const c10::BFloat16* w, float* y, int64_t K) {
+  constexpr int R = ROWS_BF16;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * K + k), xv);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = hsum(acc[r]);
+}
+
+inline void bf16_row(const c10::BFloat16* x, const c10::BFloat16* w, float* y, int64_t K) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+  *y = hsum(acc);
+}
+
+at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "bf16_gemv runs on CPU");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "bf16_gemv: x (M, K), w (N, K)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_gemv: bfloat16 only");
+  TORCH_CHECK(w.is_contiguous() && x.size(1) % 32 == 0, "bf16_gemv: contiguous w and K % 32 == 0");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0), full = N / ROWS_BF16 * ROWS_BF16;
+  at::Tensor y = at::empty({M, N}, xc.options().dtype(at::kFloat));
+  const auto* X = reinterpret_cast<const c10::BFloat16*>(xc.data_ptr());
+  const auto* W = reinterpret_cast<const c10::BFloat16*>(w.data_ptr());
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, N / ROWS_BF16, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t m = 0; m < M; ++m)
+        bf16_block(X + m * K, W + b * ROWS_BF16 * K, Y + m * N + b * ROWS_BF16, K);
+  });
+  for (int64_t n = full; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) bf16_row(X + m * K, W + n * K, Y + m * N + n, K);
+  return y.to(at::kBFloat16);
+}
+#endif
+
 at::Tensor as_float_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "pocketllama gemv: x must be 2-D (M, K), got ", x.dim(), "-D");
   return x.to(at::kFloat).contiguous();
@@ -278,11 +327,15 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 TORCH_LIBRARY(pocketllama_quant, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
-
+#ifdef __AVX512BF16__
+  m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(pocketllama_quant, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int4_gemv", &int4_gemv);
-
+#ifdef __AVX512BF16__
+  m.impl("bf16_gemv", &bf16_gemv);
+#endif
 }
