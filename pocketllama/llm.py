@@ -247,6 +247,7 @@ def load_model(source: str | os.PathLike[str] | None = None, *, dtype: str | tor
     size = sum(_numel(weights.tensor_shape(n)) for n in weights.tensor_names())
     show = progress if progress is not None else size > 300_000_000
     assign_weights(model, weights, target, device, progress=show, ignore=ignore)
+    model.requires_grad_(False)  # inference weights; fine-tuning opts parameters back in (finetune/lora.py)
     return model.eval(), checkpoint
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from ..config import TextConfig
 from ..engine.kv_cache import KVCache, round_up
 from ..quant.kernels import SMALL_M, dense_mm
+from .fused import fused_outputs
 from .rope import RotaryEmbedding, apply_rotary
 
 # Attend over the cache in windows of this many slots: keeps decode cost proportional to the context used
@@ -72,9 +73,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = fused_outputs(self, "_fused_qkv", [self.q_proj, self.k_proj, self.v_proj], x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_heads != self.n_kv
         if ctx.cache is None:
@@ -86,23 +88,20 @@ class LlamaAttention(nn.Module):
             keys = ctx.window(ctx.cache.keys[self.layer_idx])  # (B, KV, S, hd)
             values = ctx.window(ctx.cache.values[self.layer_idx])
             if T <= SMALL_QUERY:
-                out = self._grouped_attention(q, keys, values, ctx.mask)
+                out = self._grouped_attention(q, keys, values, ctx.grouped_bias(self.n_heads // self.n_kv, q.dtype))
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           mask: torch.Tensor) -> torch.Tensor:
+                           bias: torch.Tensor) -> torch.Tensor:
         """Few queries against the cache: the query heads that share a kv head are stacked into one matmul
-        (no K/V repeat); softmax in fp32 as HF's eager path. q (B, H, T, hd), k/v (B, KV, S, hd)."""
+        (no K/V repeat). q (B, H, T, hd), k/v (B, KV, S, hd), bias (B, 1, G*T, S) additive mask (0 / -inf).
+        Softmax computes in fp32 internally and rounds once, as HF's eager softmax(dtype=float32).to(dtype)."""
         B, H, T, hd = q.shape
-        G = H // self.n_kv
-        qg = q.reshape(B, self.n_kv, G * T, hd)  # heads of a group are consecutive (repeat_interleave order)
-        scores = torch.matmul(qg, k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G*T, S)
-        allowed = mask[:, :, None].expand(B, 1, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v).view(B, H, T, hd)
+        qg = q.reshape(B, self.n_kv, H // self.n_kv * T, hd)  # heads of a group are consecutive (repeat_interleave)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(hd**-0.5).add_(bias)  # (B, KV, G*T, S)
+        return torch.matmul(torch.softmax(scores, dim=-1), v).view(B, H, T, hd)
 
 
 class LlamaMLP(nn.Module):
@@ -114,7 +113,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_outputs(self, "_fused_gate_up", [self.gate_proj, self.up_proj], x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -143,6 +143,7 @@ class _StepContext:
         self.cache, self.positions = cache, positions
         self.rows = self.cache_rows = None
         self.mask = attn_mask
+        self._bias: tuple[tuple[int, torch.dtype], torch.Tensor] | None = None
         self.kv_len = 0
         if attn_mask is not None and cache is not None:
             raise ValueError("attn_mask applies to a whole-sequence forward; with a KV cache the mask comes from "
@@ -167,6 +168,15 @@ class _StepContext:
                 self.rows, self.cache_rows = cache_rows[:, None], cache_rows
             slots = torch.arange(self.kv_len, device=positions.device)
             self.mask = (slots <= positions[:, :, None])[:, None]  # (B, 1, T, S): causal per row
+
+    def grouped_bias(self, groups: int, dtype: torch.dtype) -> torch.Tensor:
+        """The causal mask as an additive bias for `_grouped_attention`, built once per step: (B, 1, G*T, S)."""
+        key = (groups, dtype)
+        if self._bias is None or self._bias[0] != key:
+            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            bias.masked_fill_(~self.mask, float("-inf"))
+            self._bias = (key, bias.repeat(1, 1, groups, 1))
+        return self._bias[1]
 
     def window(self, buf: torch.Tensor) -> torch.Tensor:
         """The attended slots of one cache buffer for the rows of this batch: (B, KV, S, hd)."""
