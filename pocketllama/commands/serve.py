@@ -11,6 +11,7 @@ import sys
 from .common import add_model_args, cli_errors, load_from_args
 
 DEFAULT_MAX_MODEL_LEN = 4096
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
 
 
 def _size(text: str) -> int:
@@ -43,10 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key", default=os.environ.get("POCKETLLAMA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every /v1 route (default: $POCKETLLAMA_API_KEY; "
                         "unset = no auth)")
-    g.add_argument("--max-body-size", type=_size, default="4M",
-                   help="largest request body accepted, bytes or K/M/G (default 4M); larger gets 413")
+    g.add_argument("--max-body-size", type=_size, default=None,
+                   help="largest request body accepted, bytes or K/M/G (default 4M; for a vision model, room "
+                        "for one --max-image-bytes image as base64 plus 1M); larger gets 413")
     g.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                    help="extra model name the API accepts besides the -m value (repeatable)")
+    g = p.add_argument_group("images (Llama 3.2 Vision models)")
+    g.add_argument("--max-image-bytes", type=_size, default="20M", metavar="SIZE",
+                   help="largest image accepted in a chat message (decoded bytes, K/M/G; default 20M); larger "
+                        "gets 413. Images go as OpenAI image_url parts with data:image/...;base64 URLs; the model "
+                        "attends the last image of a conversation (earlier ones are dropped, their text kept); "
+                        "image requests run one at a time beside the batched text requests")
+    g.add_argument("--allow-remote-images", action="store_true",
+                   help="also accept http(s) image URLs and download them (10 s timeout, --max-image-bytes "
+                        "limit); off by default, as it lets clients make the server fetch any URL it can reach")
     g = p.add_argument_group("batching and memory")
     g.add_argument("--max-concurrency", type=int, default=8,
                    help="sequences generated together, one KV cache row each (default 8)")
@@ -100,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_image_bytes < 1:
+        raise ValueError(f"--max-image-bytes must be >= 1, got {args.max_image_bytes}")
     sock = _bind(args.host, args.port)  # fail on a busy port before spending seconds on loading
 
     import uvicorn
@@ -107,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine.batching import BatchEngine
     from ..engine.generate import peak_memory_gb
     from ..server import create_app
+    from ..server.vision_api import ImageLimits
 
     if args.shield and not args.guard:
         raise ValueError("--shield needs a guard model: add --guard MODEL (e.g. meta-llama/Llama-Guard-3-1B)")
@@ -134,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
                          max_queue=args.max_queue, max_model_len=max_len, prefill_chunk=args.prefill_chunk,
                          prefix_cache=prefix_cache)
     name = args.model or "smollm2-135m"
-    app = create_app(llm, engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_size,
-                     served_names=args.served_model_name, guard=guard)
+    vision = getattr(llm.model, "accepts_images", False)
+    max_body = args.max_body_size or (max(DEFAULT_MAX_BODY, args.max_image_bytes * 4 // 3 + (1 << 20)) if vision
+                                      else DEFAULT_MAX_BODY)
+    app = create_app(llm, engine, model_name=name, api_key=args.api_key, max_body_bytes=max_body,
+                     served_names=args.served_model_name, guard=guard,
+                     images=ImageLimits(allow_remote=args.allow_remote_images, max_bytes=args.max_image_bytes))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     weights = sum(t.numel() * t.element_size() for t in (*llm.model.parameters(), *llm.model.buffers()))
@@ -146,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
           f"(--max-model-len), {args.max_concurrency} at once, {args.max_queue} queued\n"
           f"  memory: weights {_gb(weights)}, KV cache {_gb(engine.cache.nbytes)}, process peak "
           f"{_gb(peak_memory_gb(llm.device) * 1e9)}\n"
-          f"  auth: {'API key required on /v1' if args.api_key else 'none (set --api-key to require one)'}",
+          f"  auth: {'API key required on /v1' if args.api_key else 'none (set --api-key to require one)'}"
+          + (f"\n  images: up to {args.max_image_bytes} bytes each, data URLs"
+             f"{' and http(s) URLs' if args.allow_remote_images else ' only (--allow-remote-images for URLs)'}"
+             if vision else ""),
           flush=True)
     engine.start()
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),

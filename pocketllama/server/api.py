@@ -24,6 +24,14 @@ from .errors import APIError, error_body, internal_error_message, log
 from .moderation import Shield
 from .schemas import HARMLESS, IGNORED, UNSUPPORTED, ChatCompletionRequest, CompletionRequest
 from .tools_api import ToolCallError, ToolContext, check_tool_calls
+from .vision_api import (
+    apply_image_policy,
+    check_parts,
+    image_positions,
+    read_images,
+    refuse_text_only,
+    text_view,
+)
 
 router = APIRouter()
 FINGERPRINT = "pocketllama"
@@ -113,6 +121,20 @@ class Run:
         except EngineClosedError as e:
             self.cancel()
             raise APIError(503, f"the server is shutting down: {e}") from None
+
+    def submit_images(self, messages: list[dict[str, Any]], jobs: list[tuple[list[int], SamplingParams]]) -> None:
+        """Queue a chat request with an image on the state's VisionRunner (not the engine: see its docstring)."""
+        engine = self.state.engine
+        try:
+            for prompt, params in jobs:
+                engine.check_fits(len(prompt), params.max_tokens)  # the server's max_model_len, as for text
+            self.handles += self.state.vision.submit(messages, [p for _, p in jobs],
+                                                     [self._sink(i) for i in range(len(jobs))])
+        except QueueFullError as e:
+            raise APIError(429, str(e), code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
+        except ContextLengthError as e:
+            raise APIError(400, str(e), code="context_length_exceeded") from None
 
     def _sink(self, index: int) -> Callable[[Event], None]:
         def put(event: Event) -> None:
@@ -253,6 +275,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     name = check_model(state, body.model)
     reject_unsupported(body)
     tools = ToolContext.from_request(state.llm, body)  # tools / tool_choice (server/tools_api.py)
+    images = image_positions([m.content for m in body.messages])  # image parts (server/vision_api.py)
+    if images:
+        refuse_text_only(state.llm, name, images[0])
     messages = []
     for i, m in enumerate(body.messages):
         if (m.model_extra or {}).get("function_call"):
@@ -262,12 +287,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_tool_calls(m.model_extra or {}, i)
         msg = {**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role}
         try:
-            msg["content"] = content_text(m.content, where=f"messages[{i}]")
+            if any(i == k for k, _ in images):
+                msg["content"] = check_parts(m.content, where=f"messages[{i}].content")
+            else:
+                msg["content"] = content_text(m.content, where=f"messages[{i}]")
         except ValueError as e:
             raise APIError(400, str(e), param=f"messages.{i}.content", code="invalid_value") from None
         if m.name is not None:
             msg["name"] = m.name
         messages.append(msg)
+    generation = None  # with images: the messages LLM.stream_chat generates from (VisionRunner)
+    if images:
+        generation, messages = apply_image_policy(await asyncio.to_thread(read_images, messages, state.images))
     try:
         prompt = tools.prompt(messages)
     except ValueError as e:
@@ -282,12 +313,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
             "system_fingerprint": FINGERPRINT}
-    shield = Shield(getattr(request.app.state, "pocketllama_guard", None), messages)  # server/moderation.py
+    shield = Shield(getattr(request.app.state, "pocketllama_guard", None),
+                    text_view(messages) if images else messages)  # server/moderation.py
     refused = await shield.screen_input(base, body.n, body.stream, len(prompt))
     if refused is not None:
         return EventStream(refused, lambda: None) if body.stream else JSONResponse(refused)
     run = Run(state)
-    run.submit(jobs, tools.processors)
+    if generation is not None:
+        run.submit_images(generation, jobs)
+    else:
+        run.submit(jobs, tools.processors)
     state.metrics.tokens(len(prompt), 0)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage

@@ -20,6 +20,7 @@ from .api import check_model, router
 from .errors import error_body, install_error_handlers, internal_error_message, log
 from .metrics import Metrics
 from .moderation import router as moderation_router
+from .vision_api import ImageLimits, VisionRunner
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
@@ -36,18 +37,23 @@ class ServerState:
     model_names: list[str]
     api_key: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    images: ImageLimits = field(default_factory=ImageLimits)  # what image parts may be (vision models)
+    vision: VisionRunner | None = None  # runs chat requests with an image (server/vision_api.py)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
 def create_app(llm: Any, engine: BatchEngine, *, model_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, served_names: list[str] | None = None,
-               guard: Any = None) -> FastAPI:
+               guard: Any = None, images: ImageLimits | None = None) -> FastAPI:
     """The app for one model served by a started `engine`. `api_key` (if set) is required as a Bearer token on
     every /v1 route; bodies above `max_body_bytes` get 413. `guard` (a moderation.GuardService) serves
-    /v1/moderations and the chat shields."""
+    /v1/moderations and the chat shields. `images`: the image parts a vision model accepts (data URLs up to
+    20 MB by default; remote URLs refused); its image requests run on a VisionRunner, one at a time."""
     app = FastAPI(title="pocketllama", docs_url=None, redoc_url=None, openapi_url=None)  # docs need a CDN
     state = ServerState(llm=llm, engine=engine, model_names=[model_name, *(served_names or [])],
-                        api_key=api_key or None)
+                        api_key=api_key or None, images=images or ImageLimits())
+    if getattr(llm.model, "accepts_images", False):
+        state.vision = VisionRunner(llm, max_queue=engine.max_queue)
     app.state.pocketllama = state
     install_error_handlers(app)
     app.include_router(router)
@@ -56,7 +62,8 @@ def create_app(llm: Any, engine: BatchEngine, *, model_name: str, api_key: str |
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.created, "owned_by": "pocketllama",
-                "max_model_len": engine.max_model_len, "context_length": llm.context_length}
+                "max_model_len": engine.max_model_len, "context_length": llm.context_length,
+                "input_modalities": ["text", "image"] if state.vision is not None else ["text"]}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -98,11 +98,11 @@ class LiveServer:
 def start_server(llm: LLM, *, model_name: str = "smollm2-135m", api_key: str | None = None,
                  max_concurrency: int = 4, max_queue: int = 8, max_model_len: int = 1024,
                  prefill_chunk: int = 256, max_body_bytes: int = 4 * 1024 * 1024, guard: Any = None,
-                 prefix_cache: Any = None) -> LiveServer:
+                 prefix_cache: Any = None, images: Any = None) -> LiveServer:
     engine = BatchEngine(llm.model, llm.tokenizer, max_concurrency=max_concurrency, max_queue=max_queue,
                          max_model_len=max_model_len, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache).start()
     app = create_app(llm, engine, model_name=model_name, api_key=api_key, max_body_bytes=max_body_bytes,
-                     guard=guard)
+                     guard=guard, images=images)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

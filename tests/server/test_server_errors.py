@@ -93,7 +93,7 @@ def test_context_limit_gets_400_naming_the_limit(server, client):
     ({"messages": HI, "logit_bias": {"999999": 1}}, None, "token id 999999 is outside the vocabulary"),
     ({"messages": HI, "top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs: true"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]}]},
-     "messages.0.content", "image content requires a vision model"),
+     "messages.0.content.0", "is text-only and cannot see images"),
     ({"messages": HI, "stop": [""]}, "stop", "stop must hold non-empty strings"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
      "messages.0.tool_calls", "messages[0] tool_calls[0]: a tool call must be"),
