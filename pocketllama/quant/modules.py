@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..weights.hugepages import to_huge
 from . import kernels
 from .primitives import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
@@ -87,8 +88,8 @@ class _QuantModule(nn.Module):
     def _store(self, **tensors: torch.Tensor) -> None:
         for name in [n for n in self._buffers if n != "bias"]:
             del self._buffers[name]
-        for name, t in tensors.items():
-            self.register_buffer(name, t)
+        for name, t in tensors.items():  # big CPU buffers move to huge pages: decode streams them faster
+            self.register_buffer(name, to_huge(t) if t.device.type == "cpu" else t)
 
 
 class Int8Linear(_QuantModule):

@@ -153,3 +153,17 @@ def test_tiktoken_tokenizer_model_fallback(tmp_path):
     shutil.copy(llama3_tokenizer_path(), tmp_path / "original" / "tokenizer.model")
     llm = load(tmp_path)
     assert llm.tokenizer.encode("This is a test sentence.") == [2028, 374, 264, 1296, 11914, 13]
+
+
+def test_loaded_weights_own_their_memory_not_the_file(tiny_llama_dir):
+    """Weights are copies in anonymous memory (huge pages where the kernel allows): the checkpoint file can
+    change or vanish under a loaded model, and big tensors sit 2 MiB-aligned for the GEMV kernels."""
+    from pocketllama.weights.hugepages import HUGE_PAGE, empty_huge
+
+    model, _ = load_model(tiny_llama_dir[0], dtype="float32")
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert w.untyped_storage().resizable()  # not a torch.frombuffer view of the mapped file
+    big = empty_huge((HUGE_PAGE // 2 + 3,), torch.bfloat16)
+    assert big.data_ptr() % HUGE_PAGE == 0 and big.numel() == HUGE_PAGE // 2 + 3
+    big.fill_(1.5)
+    assert float(big.float().sum()) == 1.5 * big.numel()
