@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..engine.kv_cache import KVCache, round_up
+from ..quant import kernels
 from ..quant.kernels import SMALL_M, dense_mm
 from .fused import fused_outputs
 from .rope import RotaryEmbedding, apply_rotary
@@ -54,6 +55,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and (y := kernels.rms_norm(x, self.weight, self.eps)) is not None:
+            return y
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -73,11 +76,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = fused_outputs(self, "_fused_qkv", [self.q_proj, self.k_proj, self.v_proj], x)
+        q, k, v = fused_outputs(self, "_fused_qkv", [self.q_proj, self.k_proj, self.v_proj], x)  # (B, T, n*hd)
+        rotated = not torch.is_grad_enabled() and kernels.rotary_([q, k], cos, sin, self.head_dim)  # in place
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if not rotated:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_heads != self.n_kv
         if ctx.cache is None:
             # causal, or the caller's mask (packed training rows: block-diagonal causal)

@@ -59,7 +59,7 @@ def kernels() -> Any | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             load(name=f"pocketllama_quant_{tag[:8]}", sources=[str(SOURCE)], build_directory=str(build),
-                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, headers or ninja: the pure-torch kernels still work
         print(f"pocketllama: quantized CPU kernels unavailable ({type(e).__name__}: {str(e)[:200]}); "

@@ -1,4 +1,5 @@
-"""Matmul kernels for quantized weights. Inputs are 2-D activations x (M, K); outputs (M, N) in x.dtype.
+"""CPU kernels: matmuls for quantized weights (2-D activations x (M, K) -> (M, N) in x.dtype), the bf16 GEMV
+for dense decode, and one-call RMSNorm / rotary for inference (decode overhead).
 
 Decode-sized inputs (M <= SMALL_M) take, in order of preference: pocketllama's C++ GEMV (ext.py, AVX-512,
 any activation dtype, weights in the canonical layout), PyTorch's native CPU ops — `aten._weight_int8pack_mm`
@@ -134,6 +135,42 @@ def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
             y = ext.bf16_gemv(x, weight)
             return y if bias is None else y + bias
     return F.linear(x, weight, bias)
+
+
+def _glue_ext(*tensors: torch.Tensor) -> Any | None:
+    """The C++ extension when these tensors may use its inference-only ops (CPU, no autograd, one dtype)."""
+    t0 = tensors[0]
+    if (t0.device.type != "cpu" or t0.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or any(t.dtype != t0.dtype for t in tensors)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        return None
+    ext = extension()
+    return ext if ext is not None and hasattr(ext, "rms_norm") else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """HF's RMSNorm of x (..., D) in one C++ call, or None (caller runs the eager ops)."""
+    ext = _glue_ext(x, weight)
+    if ext is None or x.stride(-1) != 1:
+        return None
+    return ext.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
+
+
+def rotary_(xs: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> bool:
+    """Rotate each x (B, T, heads * head_dim) of `xs` in place with cos/sin (B, T, head_dim), one C++ call per
+    tensor (HF's rotate_half arithmetic, exact). All or none: False leaves every x untouched (the caller
+    applies the eager rotation)."""
+    ext = _glue_ext(*xs, cos, sin)
+    if ext is None or any(x.stride(-1) != 1 for x in xs):
+        return False
+    try:
+        rows = [x.view(-1, x.shape[-1]) for x in xs]  # views, so the rotation lands in each x
+    except RuntimeError:
+        return False
+    cos, sin = cos.reshape(-1, head_dim).contiguous(), sin.reshape(-1, head_dim).contiguous()
+    for r in rows:
+        ext.rotary_(r, cos, sin, head_dim)
+    return True
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

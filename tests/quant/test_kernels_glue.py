@@ -1,0 +1,66 @@
+"""One-call RMSNorm and rotary ops (quant/kernels.py, C++): HF's arithmetic, inference only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pocketllama.models.llama import RMSNorm
+from pocketllama.models.rope import apply_rotary
+from pocketllama.quant import kernels
+
+pytestmark = pytest.mark.skipif(kernels.extension() is None, reason="pocketllama's C++ kernels cannot be built here")
+
+
+def _eager_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_hf_arithmetic(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 4, 576, generator=g) * 3).to(dtype)
+    w = (torch.rand(576, generator=g) + 0.5).to(dtype)
+    with torch.inference_mode():
+        y = kernels.rms_norm(x, w, 1e-5)
+    assert y.shape == x.shape and y.dtype == dtype
+    # fp32: summation order only (~1 ulp); bf16: the fp32 result rounds to the same bf16 values
+    torch.testing.assert_close(y, _eager_norm(x, w, 1e-5), rtol=2e-6 if dtype == torch.float32 else 0,
+                               atol=1e-6 if dtype == torch.float32 else 0)
+
+
+def test_rms_norm_module_takes_the_kernel_only_without_autograd():
+    norm = RMSNorm(64, 1e-5)
+    x = torch.randn(2, 64, requires_grad=True)
+    y = norm(x)
+    y.sum().backward()  # the eager path: differentiable
+    assert x.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), y.detach(), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_is_exactly_hf_rotate_half(dtype):
+    g = torch.Generator().manual_seed(1)
+    B, T, H, hd = 2, 3, 5, 64
+    fused = torch.randn(B, T, (H + 2) * hd, generator=g).to(dtype)  # q | k as split views of one output
+    q, k = fused.split([H * hd, 2 * hd], dim=-1)
+    cos, sin = torch.randn(B, T, hd, generator=g).to(dtype), torch.randn(B, T, hd, generator=g).to(dtype)
+    want_q = apply_rotary(q.reshape(B, T, H, hd).transpose(1, 2), cos, sin)
+    want_k = apply_rotary(k.reshape(B, T, 2, hd).transpose(1, 2), cos, sin)
+    with torch.inference_mode():
+        assert kernels.rotary_([q, k], cos, sin, hd)
+    assert torch.equal(q.view(B, T, H, hd).transpose(1, 2), want_q)
+    assert torch.equal(k.view(B, T, 2, hd).transpose(1, 2), want_k)
+
+
+def test_rotary_is_all_or_nothing():
+    hd = 8
+    q = torch.randn(2, 3, 2 * hd)
+    k = torch.randn(3, 2, 2 * hd).transpose(0, 1)  # (2, 3, 16) that no (6, 16) view can cover
+    before_q, before_k = q.clone(), k.clone()
+    cos, sin = torch.randn(2, 3, hd), torch.randn(2, 3, hd)
+    with torch.inference_mode():
+        assert not kernels.rotary_([q, k], cos, sin, hd)
+    assert torch.equal(q, before_q) and torch.equal(k, before_k)
