@@ -230,6 +230,7 @@ def load_model(source: str | os.PathLike[str] | None = None, *, dtype: str | tor
     from .sources import resolve
     from .weights import open_checkpoint
     from .weights.base import assign_weights, build_on_meta
+    from .weights.hugepages import loading_memory
 
     checkpoint = open_checkpoint(resolve(source))
     config = getattr(checkpoint, "config", None) or config_from_hf(checkpoint.hf_config())
@@ -246,7 +247,8 @@ def load_model(source: str | os.PathLike[str] | None = None, *, dtype: str | tor
     ignore = {"lm_head.weight"} if config.tie_word_embeddings else set()
     size = sum(_numel(weights.tensor_shape(n)) for n in weights.tensor_names())
     show = progress if progress is not None else size > 300_000_000
-    assign_weights(model, weights, target, device, progress=show, ignore=ignore)
+    with loading_memory():
+        assign_weights(model, weights, target, device, progress=show, ignore=ignore)
     model.requires_grad_(False)  # inference weights; fine-tuning opts parameters back in (finetune/lora.py)
     return model.eval(), checkpoint
 

@@ -63,6 +63,12 @@ def assign_weights(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
     expected = {k: tuple(v.shape) for k, v in reference.items()}
     names = [n for n in checkpoint.tensor_names() if n not in ignore]
     check_tensors(expected, {n: tuple(checkpoint.tensor_shape(n)) for n in names}, checkpoint.path)
+    # Module by module: as soon as a module's tensors are all read it takes them (and may repack them into a
+    # kernel layout), so the checkpoint-layout copies never pile up beside the model (peak = model + module).
+    owner = {n: n.rpartition(".")[0] for n in reference}
+    waiting: dict[str, set[str]] = {}
+    for n, m in owner.items():
+        waiting.setdefault(m, set()).add(n)
     state: dict[str, torch.Tensor] = {}
     iterator = names
     if progress:
@@ -75,7 +81,14 @@ def assign_weights(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
         if t.device != torch.device(device):
             t = t.to(device)
         state[name] = t
-    model.load_state_dict(state, strict=True, assign=True)
+        module = owner[name]
+        waiting[module].discard(name)
+        if not waiting[module]:
+            prefix = module + "." if module else ""
+            part = {n[len(prefix):]: state.pop(n) for n in [k for k in state if owner[k] == module]}
+            model.get_submodule(module).load_state_dict(part, strict=False, assign=True)
+    if state:  # not reached for a complete checkpoint (check_tensors above)
+        model.load_state_dict(state, strict=False, assign=True)
     for module in model.modules():  # non-persistent buffers (rotary frequencies) were built on the CPU
         for key, buf in list(module._buffers.items()):
             if buf is not None and buf.device != torch.device(device):
