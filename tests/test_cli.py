@@ -55,6 +55,15 @@ def test_generate_greedy_is_deterministic():
     assert "generated at" in a.stderr
 
 
+def test_quantize_flag_loads_the_gguf_as_floats_or_names_a_bad_recipe():
+    out = run("chat", "--quantize", "none", "--max-tokens", "12", "What is the capital of France?")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    bad = run("chat", "--quantize", "int9", "hi")
+    assert bad.returncode == 2 and "unknown quantization recipe 'int9'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def test_missing_model_is_one_clear_line():
     out = run("chat", "-m", "no-such-model-xyz", "hi")
     assert out.returncode == 2

@@ -15,6 +15,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: smollm2-135m; see `pocketllama models`)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight/compute dtype (default: the checkpoint's own; quantized GGUF -> float32)")
+    p.add_argument("--quantize", default=None, metavar="RECIPE",
+                   help="quantize float weights while loading: int8, int4-g32 (Meta's 4-bit scheme), int4-g64, "
+                        "... (see `pocketllama quantize --help`); 'none' loads a quantized GGUF's weights as floats "
+                        "(default: as stored)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
@@ -67,7 +71,14 @@ def load_from_args(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     draft = draft_from_args(args)
     extra = {"draft": draft, "num_draft": args.num_draft} if draft is not None else {}
-    return load(args.model, dtype=args.dtype, device=args.device, **extra)
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=quantize_arg(args.quantize), **extra)
+
+
+def quantize_arg(value: str | None) -> Any:
+    """The `load(quantize=...)` value of a --quantize flag: None (as stored), False ('none') or a recipe."""
+    if value is None:
+        return None
+    return False if value.lower() in ("none", "false", "off") else value
 
 
 def cli_errors(fn: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

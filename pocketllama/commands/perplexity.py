@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import cli_errors
+from .common import cli_errors, quantize_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     text = Path(args.file).read_text(encoding="utf-8")
     if args.threads:
         torch.set_num_threads(args.threads)
-    quantize = False if args.quantize and args.quantize.lower() == "none" else args.quantize
-    llm = load(args.model, dtype=args.dtype, quantize=quantize, context=args.window)
+    llm = load(args.model, dtype=args.dtype, quantize=quantize_arg(args.quantize), context=args.window)
     ids = llm.tokenizer.encode(text, add_bos=llm.tokenizer.add_bos and llm.tokenizer.bos_id is not None)
     if args.max_tokens:
         ids = ids[: args.max_tokens]

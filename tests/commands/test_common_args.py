@@ -1,0 +1,22 @@
+"""Shared command flags (commands/common.py): --quantize reaches `load`."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pocketllama.commands import common
+
+
+@pytest.mark.parametrize("flag,expected", [(None, None), ("none", False), ("NONE", False), ("int8", "int8"),
+                                           ("int4-g32", "int4-g32")])
+def test_quantize_flag_reaches_load(monkeypatch, flag, expected):
+    seen = {}
+    monkeypatch.setattr("pocketllama.llm.load", lambda model, **kw: seen.update(kw) or "llm")
+    p = argparse.ArgumentParser()
+    common.add_model_args(p)
+    common.add_speculation_args(p)
+    args = p.parse_args(["-m", "x"] + ([] if flag is None else ["--quantize", flag]))
+    assert common.load_from_args(args) == "llm"
+    assert seen["quantize"] is expected if not isinstance(expected, str) else seen["quantize"] == expected
