@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .generate import FinishReason, GenerationResponse, context_limit, peak_memory_gb
+from .generate import GenerationResponse, context_limit, peak_memory_gb
 from .sampling import (
     LogitsProcessor,
     Sampler,
@@ -29,7 +29,7 @@ from .sampling import (
     token_logprobs,
     top_logprobs,
 )
-from .stops import StopStringMatcher
+from .stops import TokenStopper, stop_ids_for
 
 log = logging.getLogger("pocketllama.batching")
 
@@ -120,9 +120,7 @@ class _Sequence:
         # ids generated so far for the processors: a fixed buffer viewed as [1, n] (no per-step concat)
         self.history = torch.zeros(1, budget, dtype=torch.long, device=device) if self.processors else None
         self.plain_greedy = params.greedy and not self.processors and not params.logprobs
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.stop_ids))
-        self.detok = tokenizer.detokenizer()
-        self.matcher = StopStringMatcher(params.stop)
+        self.stopper = TokenStopper(tokenizer, params.stop, stop_ids_for(params, tokenizer), budget)
         self.row = -1
         self.prefilled = 0  # prompt tokens already in the cache
         self.cached = 0  # of which copied from the prefix cache
@@ -154,19 +152,7 @@ class _Sequence:
             self.history[0, n] = token
         self.generated = n + 1
         self.next_token = token
-        finish: FinishReason | None = None
-        if token in self.stop_ids:  # the stop token's own text is not emitted; release what was held back
-            text, _ = self.matcher.feed(self.detok.flush())
-            text += self.matcher.flush()
-            finish = "stop"
-        else:
-            text, hit = self.matcher.feed(self.detok.add(token))
-            if hit:
-                finish = "stop"
-            elif n + 1 == self.budget:
-                tail, hit = self.matcher.feed(self.detok.flush())
-                text += tail + self.matcher.flush()
-                finish = "stop" if hit else "length"
+        text, finish = self.stopper.step(token, n)
         lp = tops = None
         if logprobs is not None:
             lp = float(logprobs[token])

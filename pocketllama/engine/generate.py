@@ -26,7 +26,7 @@ from .sampling import (
     token_logprobs,
     top_logprobs,
 )
-from .stops import StopStringMatcher
+from .stops import TokenStopper, stop_ids_for
 
 # The KV cache is sized to prompt + max_tokens rounded up to this (then capped at the context): few
 # distinct cache shapes, so a compiled step is reused across requests; matches the model's attention window.
@@ -350,9 +350,7 @@ def stream_generate(
                               max_tokens=params.max_tokens, cache=cache, cached_tokens=cached_tokens,
                               prefill_step_size=prefill_step_size, max_len=context, compile=compile)
     budget = generation_budget(len(prompt_ids), params.max_tokens, context, cache)
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.stop_ids))
-    detok = tokenizer.detokenizer()
-    matcher = StopStringMatcher(params.stop)
+    stopper = TokenStopper(tokenizer, params.stop, stop_ids_for(params, tokenizer), budget)
     prefilled = len(prompt_ids) - min(cached_tokens, len(prompt_ids) - 1)
     prompt_time, first = 0.0, tic
 
@@ -360,19 +358,7 @@ def stream_generate(
         now = time.perf_counter()
         if n == 0:
             prompt_time, first = now - tic, now
-        finish: FinishReason | None = None
-        if token in stop_ids:  # the stop token's own text is not emitted; release what was held back
-            text, _ = matcher.feed(detok.flush())
-            text += matcher.flush()
-            finish = "stop"
-        else:
-            text, hit = matcher.feed(detok.add(token))
-            if hit:
-                finish = "stop"
-            elif n + 1 == budget:
-                tail, hit = matcher.feed(detok.flush())
-                text += tail + matcher.flush()
-                finish = "stop" if hit else "length"
+        text, finish = stopper.step(token, n)
         lp = tops = None
         if params.logprobs:
             lp = float(logprobs[token])

@@ -1,10 +1,12 @@
-"""Stop strings over a stream of text deltas: text that could still become a stop string is held back,
-and a stop string (which may span token boundaries) is never emitted.
+"""Stopping rules over a stream of tokens: stop ids, stop strings and the token budget. Text that could
+still become a stop string is held back, and a stop string (which may span token boundaries) is never
+emitted. `TokenStopper` is the one implementation every generation loop (plain, batched) applies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 
 class StopStringMatcher:
@@ -52,3 +54,32 @@ class StopStringMatcher:
             if any(s.startswith(tail) for s in self.stops):
                 return k
         return 0
+
+
+def stop_ids_for(params: Any, tokenizer: Any) -> set[int]:
+    """The ids that end a sequence: the request's own plus the model's (unless `ignore_eos`)."""
+    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.stop_ids))
+
+
+class TokenStopper:
+    """Per sequence: `step(token, n)` -> (text delta to emit, finish reason or None) for the n-th (0-based)
+    generated token. A stop id ends the sequence without emitting its own text (what was held back is
+    released); reaching `budget` tokens finishes with "length" unless the flushed tail hits a stop string."""
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str], stop_ids: Iterable[int], budget: int) -> None:
+        self.detok = tokenizer.detokenizer()
+        self.matcher = StopStringMatcher(stop_strings)
+        self.stop_ids = set(stop_ids)
+        self.budget = budget
+
+    def step(self, token: int, n: int) -> tuple[str, Literal["stop", "length"] | None]:
+        if token in self.stop_ids:
+            text, _ = self.matcher.feed(self.detok.flush())
+            return text + self.matcher.flush(), "stop"
+        text, hit = self.matcher.feed(self.detok.add(token))
+        if hit:
+            return text, "stop"
+        if n + 1 == self.budget:
+            tail, hit = self.matcher.feed(self.detok.flush())
+            return text + tail + self.matcher.flush(), "stop" if hit else "length"
+        return text, None
