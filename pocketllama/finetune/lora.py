@@ -219,10 +219,10 @@ class _FrozenQuantMatmul(torch.autograd.Function):
 def _row_dequantizer(module: nn.Module, dtype: torch.dtype) -> Any:
     """(r0, r1) -> float rows r0:r1 of a quantized layer's weight (N, K), through the module's own public,
     layout-aware methods (its in-memory layout belongs to quant/)."""
-    from ..quant.modules import Int4Linear, Int8Embedding
+    from ..quant.modules import QUANT_EMBEDDINGS, Int4Linear
     from ..quant.primitives import dequantize_int4
 
-    if isinstance(module, Int8Embedding):  # the (tied) vocabulary table: too big to dequantize whole
+    if isinstance(module, QUANT_EMBEDDINGS):  # the (tied) int8 / int4 vocabulary table: too big to dequantize whole
         device = next(module.buffers()).device
         return lambda r0, r1: module(torch.arange(r0, r1, device=device)).to(dtype)  # (rows, D)
     if isinstance(module, Int4Linear):  # canonical parts (a view or one unpack), then row chunks
@@ -238,12 +238,12 @@ def enable_quantized_input_grads(model: nn.Module) -> None:
     Each quantized linear's `forward` (and a quantized tied table's `attend`) is replaced on the instance by
     one that keeps the fast kernel forward and adds `_FrozenQuantMatmul`'s backward when a gradient is needed.
     """
-    from ..quant.modules import Int8Embedding
+    from ..quant.modules import QUANT_EMBEDDINGS
 
     for module in model.modules():
         if not is_quantized(module) or getattr(module, "_input_grads", False):
             continue
-        method = "attend" if isinstance(module, Int8Embedding) else "forward"
+        method = "attend" if isinstance(module, QUANT_EMBEDDINGS) else "forward"
         original = getattr(module, method)
 
         def differentiable(x: torch.Tensor, _m: nn.Module = module, _f: Any = original) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import Int4Linear, Int8Embedding, Int8Linear
+from .modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from .primitives import GGML_BLOCK, quantize_int4, quantize_int8
 from .recipe import INT4_ROW_MULTIPLE, QSpec, Recipe, module_of, parse_recipe, role
 from .views import DequantizingCheckpoint, GGUFBlocksCheckpoint, QuantizingCheckpoint, part_shapes
@@ -103,10 +103,9 @@ def quantize_state_dict(tensors: Iterable[tuple[str, torch.Tensor]], plan: Plan,
 def quantized_module(old: nn.Module, spec: QSpec) -> nn.Module:
     """An empty replacement for `old` (same device, e.g. meta) with the buffers `spec` needs."""
     device = old.weight.device
-    if isinstance(old, nn.Embedding):
-        if spec.kind != "int8":
-            raise ValueError(f"embedding tables can be int8 only, not {spec.kind}")
-        return Int8Embedding(old.num_embeddings, old.embedding_dim, spec.group_size, device=device)
+    if isinstance(old, nn.Embedding):  # a tied model's table also serves the output projection (`attend`)
+        table = Int8Embedding if spec.kind == "int8" else Int4Embedding
+        return table(old.num_embeddings, old.embedding_dim, spec.group_size, device=device)
     if not isinstance(old, nn.Linear):
         raise TypeError(f"cannot quantize a {type(old).__name__}; expected nn.Linear or nn.Embedding")
     bias = old.bias is not None

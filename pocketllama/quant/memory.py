@@ -18,7 +18,7 @@ from .recipe import QSpec, module_of
 DEFAULT_CONTEXT = 4096
 PREFILL_CHUNK = 512  # engine/generate.py's default prefill_step_size
 RUNTIME_BYTES = 350 * 2**20  # Python + PyTorch + tokenizer; `import torch` alone measures ~220 MB RSS here
-SUGGESTED_RECIPES = ("int8", "int4-g32")
+SUGGESTED_RECIPES = ("int8", "int4-g32", "int4-g64-e4")  # largest first; the last has an int4 table
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 GB = 1e9
 

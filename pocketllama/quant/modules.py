@@ -1,4 +1,5 @@
-"""Replacement modules holding quantized buffers: `Int8Linear`, `Int4Linear`, `Int8Embedding`.
+"""Replacement modules holding quantized buffers: `Int8Linear`, `Int4Linear`, `Int8Embedding`,
+`Int4Embedding`.
 
 Their `state_dict()` is always the canonical layout of `primitives.py` (what checkpoints store); on load
 they may repack into a kernel's layout (`layout`): "interleaved" rows for pocketllama's C++ kernels,
@@ -140,26 +141,13 @@ class Int8Linear(_QuantModule):
                 f"layout={self.layout}")
 
 
-class Int4Linear(_QuantModule):
-    """y = x @ ((q - 8) * scales + zeros).T + bias with int4 q in groups of `group_size` along K.
+class _Int4Module(_QuantModule):
+    """Int4 groupwise buffers shared by `Int4Linear` and `Int4Embedding`: the checkpoint holds the canonical
+    parts (weight uint8 (N, K/2), scales (N, K // group), zeros (N, K // group)); memory may hold the C++
+    kernels' interleaved rows or (where `_native_ok`) PyTorch's int4 CPU layout."""
 
-    The weight stays canonical for pocketllama's C++ kernel and the dequantize-then-matmul path; without the
-    C++ kernel, bfloat16 scales repack it for PyTorch's vectorized int4 kernel (`layout == "native"`).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        if in_features % group_size:
-            raise ValueError(f"Int4Linear: in_features {in_features} is not a multiple of group_size {group_size}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        groups = in_features // group_size
-        self.layout = "canonical"
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype or torch.float32, device=device))
-        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype or torch.float32, device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
-            if bias else None
+    group_size: int
+    _native_ok = True  # PyTorch's packed layout cannot look rows up, so tables keep canonical rows instead
 
     def _state_layout(self):
         n, k, g = self.out_features, self.in_features, self.in_features // self.group_size
@@ -172,7 +160,8 @@ class Int4Linear(_QuantModule):
                 and (k // groups) % 32 == 0 and groups <= 1024):
             self.layout = "interleaved"
             self._store(weight=kernels.interleave(weight, "int4"), scales=scales, zeros=zeros.to(scales.dtype))
-        elif cpu and scales.dtype == torch.bfloat16 and kernels.extension() is None and kernels.has_native_int4():
+        elif (cpu and self._native_ok and scales.dtype == torch.bfloat16 and kernels.extension() is None
+              and kernels.has_native_int4()):
             self.layout = "native"
             self._store(weight=kernels.native_int4_pack(weight),
                         scales_and_zeros=kernels.native_scales_and_zeros(scales, zeros))
@@ -193,6 +182,32 @@ class Int4Linear(_QuantModule):
     def canonical_state(self) -> dict[str, torch.Tensor]:
         return dict(zip(("weight", "scales", "zeros"), self.canonical(), strict=True))
 
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w, s, z = self.canonical()
+        return dequantize_int4(w, s, z, dtype or s.dtype)
+
+
+class Int4Linear(_Int4Module):
+    """y = x @ ((q - 8) * scales + zeros).T + bias with int4 q in groups of `group_size` along K.
+
+    The weight stays canonical for pocketllama's C++ kernel and the dequantize-then-matmul path; without the
+    C++ kernel, bfloat16 scales repack it for PyTorch's vectorized int4 kernel (`layout == "native"`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"Int4Linear: in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.layout = "canonical"
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype or torch.float32, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype or torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
         q, s, z = quantize_int4(linear.weight, group_size, scale_dtype=linear.weight.dtype)
@@ -202,10 +217,6 @@ class Int4Linear(_QuantModule):
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return m
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        w, s, z = self.canonical()
-        return dequantize_int4(w, s, z, dtype or s.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (B*T, K)
@@ -275,3 +286,59 @@ class Int8Embedding(_QuantModule):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
+
+
+class Int4Embedding(_Int4Module):
+    """Token table in int4 groups along D: weight uint8 (V, D/2), scales and zeros (V, D // group). `forward`
+    dequantizes only the looked-up rows; `attend(h)` projects hidden states onto the vocabulary with the same
+    table (tied output) through the int4 kernels (the C++ GEMV for decode rows)."""
+
+    _native_ok = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if embedding_dim % group_size:
+            raise ValueError(f"Int4Embedding: embedding_dim {embedding_dim} is not a multiple of group_size "
+                             f"{group_size}; choose a group size that divides it or an int8 table")
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        self.in_features, self.out_features = embedding_dim, num_embeddings
+        groups = embedding_dim // group_size
+        self.layout = "canonical"
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=dtype or torch.float32,
+                                                   device=device))
+        self.register_buffer("zeros", torch.empty(num_embeddings, groups, dtype=dtype or torch.float32,
+                                                  device=device))
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, group_size: int = 32) -> Int4Embedding:
+        q, s, z = quantize_int4(embedding.weight, group_size, scale_dtype=embedding.weight.dtype)
+        m = cls(embedding.num_embeddings, embedding.embedding_dim, group_size, device=embedding.weight.device,
+                dtype=embedding.weight.dtype)
+        m._set(weight=q, scales=s, zeros=z)
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.layout == "interleaved":
+            rows = kernels.interleaved_rows(self.weight, "int4", ids)  # (..., D/2) uint8, canonical nibbles
+        else:
+            rows = self.weight[ids]
+        groups = self.scales.shape[1]
+        w = dequantize_int4(rows.reshape(-1, self.embedding_dim // 2), self.scales[ids].reshape(-1, groups),
+                            self.zeros[ids].reshape(-1, groups), torch.float32)  # (N, D), one rounding below
+        return w.to(self.scales.dtype).view(*ids.shape, self.embedding_dim)  # (..., D)
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., D) -> logits (..., V) = h @ table.T."""
+        y = kernels.int4_mm(h.reshape(-1, self.embedding_dim), self.weight, self.scales, self.zeros,
+                            interleaved=self.layout == "interleaved")  # (M, V)
+        return y.view(*h.shape[:-1], self.num_embeddings)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, layout={self.layout}"
+
+
+# The quantized token tables: `forward(ids)` looks rows up, `attend(h)` is the tied output projection.
+QUANT_EMBEDDINGS = (Int8Embedding, Int4Embedding)

@@ -110,15 +110,15 @@ def test_unwrap_restores_the_plain_model(model):
         assert torch.equal(model(IDS), base)
 
 
-@pytest.mark.parametrize("recipe", ["int4-g32", "int8"])
+@pytest.mark.parametrize("recipe", ["int4-g32", "int8", "int4-g32-e4"])
 def test_qlora_gradients_match_the_dequantized_float_model(model, recipe):
     """The quantized kernels have no backward; `_FrozenQuantMatmul` gives each frozen quantized layer the
     input gradient of its dequantized weight, so the adapters of layer 0 learn through layer 1 and the
-    (int8, tied) output table exactly as in a float model holding the dequantized weights."""
+    (int8 or int4, tied) output table exactly as in a float model holding the dequantized weights."""
     import copy
 
     from pocketllama.quant import quantize_model
-    from pocketllama.quant.modules import Int4Linear, Int8Embedding, Int8Linear
+    from pocketllama.quant.modules import QUANT_EMBEDDINGS, Int4Linear, Int8Linear
 
     quantized = quantize_model(model, recipe)
     floating = copy.deepcopy(quantized)
@@ -128,7 +128,7 @@ def test_qlora_gradients_match_the_dequantized_float_model(model, recipe):
             lin.weight.data = m.dequantize(torch.float32)
             parent, _, attr = name.rpartition(".")
             setattr(floating.get_submodule(parent), attr, lin)
-        elif isinstance(m, Int8Embedding):
+        elif isinstance(m, QUANT_EMBEDDINGS):
             floating.model.embed_tokens = _float_embedding(m.dequantize(torch.float32))
     grads = []
     for net in (quantized, floating):
@@ -138,7 +138,8 @@ def test_qlora_gradients_match_the_dequantized_float_model(model, recipe):
         loss = net(IDS).float().logsumexp(-1).mean()
         loss.backward()
         grads.append({n: m.lora_A.weight.grad.clone() for n, m in lora_modules(net).items()})
-    assert any(isinstance(m, Int8Embedding) for m in quantized.modules())  # int8 tied table: attend() too
+    table = quantized.model.embed_tokens  # the tied table (int4 in int4-g32-e4): attend() too
+    assert type(table).__name__ == ("Int4Embedding" if recipe.endswith("-e4") else "Int8Embedding")
     for name in grads[1]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-3)
 

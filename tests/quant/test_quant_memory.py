@@ -44,9 +44,27 @@ def test_llama_1b_weight_bytes_per_recipe():
     assert "weights int4-g32" in int4.table() and "KV cache" in int4.table()
 
 
+def test_llama_1b_int4_table_recipes_fit_the_release_figure():
+    """The release table's 0.75 GB for a 4-bit 1B needs the tied 128256 x 2048 table in int4 too: int4-g64-e4
+    stores 0.695 GB. At group 32 the scales and zeros (bf16, 1 byte per 8 weights) keep int4-g32-e4 at 0.772 GB."""
+    cfg = TextConfig(**LLAMA_32_1B)
+    block = 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192)  # q,o + k,v + mlp
+    table = 128256 * 2048  # tied: one table, no lm_head
+    norms = (2 * 16 + 1) * 2048 * 2  # bf16
+    for group in (32, 64):
+        est = _estimate(cfg, f"int4-g{group}-e4")
+        int4 = (block + table) // 2 + (block + table) // group * 4  # 4 bits + bf16 scale and zero per group
+        assert est.weights == {f"int4-g{group}": int4, "bf16": norms}
+    assert _estimate(cfg, "int4-g64-e4").weight_bytes <= 0.75e9 < _estimate(cfg, "int4-g32-e4").weight_bytes
+    assert 0.69e9 < _estimate(cfg, "int4-g64-e4").weight_bytes
+    assert _estimate(cfg, "int4-g32").weight_bytes - _estimate(cfg, "int4-g32-e4").weight_bytes == (
+        table + 128256 * 2) - (table // 2 + table // 32 * 4)  # int8 + a bf16 scale per row -> int4 g32
+
+
 def test_estimate_matches_the_bytes_a_load_holds(tmp_path):
     save_tiny_llama(tmp_path, hidden_size=128, intermediate_size=256)
-    for recipe, dtype in ((None, torch.float32), ("int8", torch.float32), ("int4-g32", torch.bfloat16)):
+    for recipe, dtype in ((None, torch.float32), ("int8", torch.float32), ("int4-g32", torch.bfloat16),
+                          ("int4-g32-e4", torch.bfloat16)):
         model, ckpt = load_model(tmp_path, dtype=dtype, quantize=recipe)
         held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
                    if t is not None) - sum(b.numel() * b.element_size() for n, b in model.named_buffers()
@@ -66,7 +84,8 @@ def test_check_fits_suggests_a_recipe_and_a_context(tmp_path):
     with pytest.raises(memory.NotEnoughMemoryError, match=r"Try quantize='int8' \(CLI: --quantize int8"):
         memory.check_fits(model, ckpt, dtype=torch.bfloat16, context=4096, available=(f.total + q.total) // 2)
     long = memory.estimate(model, ckpt, quantize="int4-g32", dtype=torch.bfloat16, context=65536)
-    with pytest.raises(memory.NotEnoughMemoryError, match=r"Try context=32768 \(~"):
+    with pytest.raises(memory.NotEnoughMemoryError,  # the int4 table saves the rest; or a shorter context
+                       match=r"Try quantize='int4-g64-e4' \(CLI: --quantize int4-g64-e4; ~.*\) or context=32768 \(~"):
         memory.check_fits(model, ckpt, quantize="int4-g32", dtype=torch.bfloat16, context=65536,
                           available=long.total - 1)
     with pytest.raises(memory.NotEnoughMemoryError, match="a smaller model; nothing pocketllama can change fits"):

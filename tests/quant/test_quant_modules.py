@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pocketllama.quant import Int4Linear, Int8Embedding, Int8Linear, kernels
+from pocketllama.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, kernels
+from pocketllama.quant.primitives import quantize_int4
 
 
 @pytest.fixture(autouse=True, params=["cpp", "torch"])
@@ -111,6 +112,83 @@ def test_int8_embedding_lookup_and_tied_projection():
         h = _x(2, 3, 64)
         torch.testing.assert_close(m.attend(h), h @ table.T, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m.attend(h[:1, :1]), h[:1, :1] @ table.T, rtol=1e-5, atol=1e-5)
+
+
+
+def _table(v: int, d: int, dtype=torch.float32) -> nn.Embedding:
+    torch.manual_seed(0)
+    return nn.Embedding(v, d).to(dtype)
+
+
+@pytest.mark.parametrize("v,d,group", [(96, 128, 32), (96, 128, 64), (96, 256, 128), (90, 64, 32)])
+def test_int4_embedding_lookup_and_tied_projection(v, d, group, backend):
+    """Lookups dequantize the looked-up rows exactly as the whole table dequantizes (fp32, bit for bit);
+    `attend` is h @ table.T for decode rows (the C++ GEMV) and prefill rows (dequantize + GEMM)."""
+    m = Int4Embedding.from_float(_table(v, d), group)
+    # 96 rows of 64k values interleave for the C++ kernels; 90 rows (not a multiple of 4) stay canonical
+    assert m.layout == ("interleaved" if backend == "cpp" and v % 4 == 0 else "canonical")
+    table = m.dequantize()  # (V, D) fp32
+    assert table.shape == (v, d)
+    ids = torch.tensor([[3, v - 1, 0], [7, 7, 1]])
+    got = m(ids)
+    assert got.shape == (2, 3, d) and got.dtype == torch.float32
+    torch.testing.assert_close(got, table[ids], rtol=0, atol=0)
+    torch.testing.assert_close(m(torch.tensor(5)), table[5], rtol=0, atol=0)  # a 0-d id: one row (D,)
+    for shape in ((1, 1, d), (1, d), (2, 3, d), (12, d)):  # 1 and 6 rows: GEMV; 12 rows: prefill path
+        h = _x(*shape)
+        y = m.attend(h)
+        assert y.shape == (*shape[:-1], v)
+        # N(0, 1) table and h: logits ~ sqrt(D) = 8..16, so 1e-4 is fp32 summation-order noise
+        torch.testing.assert_close(y, h @ table.T, rtol=1e-5, atol=1e-4)
+
+
+def test_int4_embedding_is_close_to_the_float_table():
+    """The quantization itself: a row's error is at most half a step (scale / 2) per value."""
+    emb = _table(96, 128)
+    m = Int4Embedding.from_float(emb, 32)
+    err = (m.dequantize() - emb.weight.detach()).abs().view(96, 4, 32)  # (V, groups, 32)
+    assert (err <= m.canonical()[1][..., None] / 2 + 1e-6).all()
+    assert err.max() > 0  # 4 bits cannot hold a random table exactly
+
+
+@pytest.mark.parametrize("rows", [1, 6, 20])
+def test_int4_embedding_bf16_within_bf16_rounding_and_never_natively_packed(rows, backend):
+    """bf16: lookups round the fp32 dequantized value once; PyTorch's packed int4 layout (which cannot look
+    rows up) is never used for a table, even where Int4Linear would use it."""
+    m = Int4Embedding.from_float(_table(96, 128, torch.bfloat16), 32)
+    assert m.layout == ("interleaved" if backend == "cpp" else "canonical")
+    table = m.dequantize(torch.float32)
+    ids = torch.arange(rows) * 5
+    assert torch.equal(m(ids), table[ids].to(torch.bfloat16))
+    h = _x(rows, 128, dtype=torch.bfloat16)
+    y = m.attend(h)
+    ref = h.float() @ table.T
+    # bf16 dot-product bound: weights (prefill dequantizes in bf16) and outputs rounded at 2^-9 relative each
+    bound = 2**-7 * (h.float().abs() @ table.abs().T)
+    assert y.dtype == torch.bfloat16 and ((y.float() - ref).abs() <= bound).all()
+
+
+def test_int4_embedding_state_dict_is_canonical_and_loads_back():
+    m = Int4Embedding.from_float(_table(96, 128, torch.bfloat16), 32)
+    sd = m.state_dict()
+    assert set(sd) == {"weight", "scales", "zeros"}
+    q, s, z = quantize_int4(_table(96, 128, torch.bfloat16).weight, 32, scale_dtype=torch.bfloat16)
+    assert sd["weight"].dtype == torch.uint8 and torch.equal(sd["weight"], q)  # (V, D/2), whatever the layout
+    assert torch.equal(sd["scales"], s) and torch.equal(sd["zeros"], z) and s.shape == (96, 4)
+    fresh = Int4Embedding(96, 128, group_size=32, device="meta")
+    fresh.load_state_dict(sd, assign=True)
+    assert fresh.layout == m.layout
+    ids = torch.tensor([0, 95, 17])
+    h = _x(2, 128, dtype=torch.bfloat16)
+    assert torch.equal(fresh(ids), m(ids)) and torch.equal(fresh.attend(h), m.attend(h))
+
+
+def test_int4_embedding_errors_name_the_cause():
+    with pytest.raises(ValueError, match="embedding_dim 80 is not a multiple of group_size 32"):
+        Int4Embedding(96, 80, group_size=32)
+    sd = Int4Embedding.from_float(_table(96, 128), 64).state_dict()  # group 64: scales (96, 2), not (96, 4)
+    with pytest.raises(RuntimeError, match=r"scales: expected float \(96, 4\), got torch.float32 \(96, 2\)"):
+        Int4Embedding(96, 128, group_size=32, device="meta").load_state_dict(sd, assign=True)
 
 
 def test_loading_a_mismatched_part_names_the_tensor_and_the_cause():
