@@ -36,21 +36,6 @@ def mllama_int4_plan(model: nn.Module, group_size: int = 32, vision_int8: bool =
     return plan
 
 
-def quantize_rows(w: torch.Tensor, spec: QSpec, scale_dtype: torch.dtype, rows: int = 4096) -> dict[str, torch.Tensor]:
-    """Quantize a (bf16, memory-mapped) weight a block of rows at a time: row-wise and groupwise schemes are
-    exact per row, and the fp32 working copy stays at one block."""
-    chunks = [quantize_weight(w[r:r + rows].float(), spec, scale_dtype) for r in range(0, w.shape[0], rows)]
-    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
-
-
-def release_pages(checkpoint: Any, name: str) -> None:
-    """Drop a tensor's mapped file pages from RSS once it is quantized (SafetensorsCheckpoint internals)."""
-    f = getattr(checkpoint, "_where", {}).get(name)
-    if f is not None and hasattr(f, "_release"):
-        begin, end = f.entries[name]["data_offsets"]
-        f._release(f._base + begin, f._base + end)
-
-
 class _Quantizing:
     """The checkpoint with each planned `<module>.weight` seen as its int4/int8 parts, made on first use."""
 
@@ -78,10 +63,10 @@ class _Quantizing:
             return self._base.load_tensor(name, dtype)
         module, part = self._owner[name]
         if module not in self._pending:
-            w = self._base.load_tensor(f"{module}.weight")  # a view of the mapped file
-            self._pending[module] = quantize_rows(w, self._plan[module], self._scale_dtype)
-            del w
-            release_pages(self._base, f"{module}.weight")
+            name = f"{module}.weight"
+            self._pending[module] = quantize_weight(  # row chunks of the mapped file, pages dropped as they go
+                self._base.load_view(name), self._plan[module], self._scale_dtype,
+                rows_done=lambda r0, r1: self._base.release(name, rows=(r0, r1)))
         parts = self._pending[module]
         t = parts.pop(part)
         if not parts:

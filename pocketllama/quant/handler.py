@@ -9,7 +9,7 @@ checkpoint seen through a view whose tensors are the canonical quantized buffers
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -59,9 +59,11 @@ def plan_for_gguf(checkpoint: Any) -> Plan:
 QUANTIZE_CHUNK_VALUES = 16 * 1024 * 1024  # rows quantized at a time: bounds the fp32 temporaries (~64 MB)
 
 
-def quantize_weight(w: torch.Tensor, spec: QSpec, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, spec: QSpec, scale_dtype: torch.dtype,
+                    rows_done: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
     """One float weight (N, K) -> its canonical parts {"weight", "scales"(, "zeros")}, a chunk of rows at a
-    time so a 128k-row embedding never needs an fp32 copy of itself."""
+    time so a 128k-row embedding never needs an fp32 copy of itself; `rows_done(r0, r1)` after each chunk
+    (a memory-mapped source drops those rows' pages)."""
     n, k = w.shape
     rows = max(1, QUANTIZE_CHUNK_VALUES // k)
     out: dict[str, torch.Tensor] = {}
@@ -72,6 +74,8 @@ def quantize_weight(w: torch.Tensor, spec: QSpec, scale_dtype: torch.dtype) -> d
         else:
             parts = dict(zip(("weight", "scales", "zeros"), quantize_int4(chunk, spec.group_size, scale_dtype),
                              strict=True))
+        if rows_done is not None:
+            rows_done(r0, min(n, r0 + rows))
         if rows >= n:
             return parts
         for name, t in parts.items():

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..weights.hugepages import empty_huge
 from .primitives import pack_int4, unpack_int4
 
 # Rows of dequantized weight per fallback chunk: bounds the temporary (2M fp32 values = 8 MB) when a
@@ -103,7 +104,9 @@ def interleave(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """Canonical (N, B) bytes -> (N/rows, B/chunk, rows, chunk), flattened to (N, B) (same shape, new order)."""
     rows, chunk = INTERLEAVE[kind]
     n, b = weight.shape
-    return weight.view(n // rows, rows, b // chunk, chunk).transpose(1, 2).contiguous().view(n, b)
+    out = empty_huge((n, b), weight.dtype)  # the kernels stream it: huge pages (weights/hugepages.py)
+    out.view(n // rows, b // chunk, rows, chunk).copy_(weight.view(n // rows, rows, b // chunk, chunk).transpose(1, 2))
+    return out
 
 
 def deinterleave(weight: torch.Tensor, kind: str, r0: int = 0, r1: int | None = None) -> torch.Tensor:

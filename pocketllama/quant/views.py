@@ -105,7 +105,12 @@ class QuantizingCheckpoint(_QuantizedView):
         from .handler import quantize_weight
 
         name = f"{module}.weight"
-        parts = quantize_weight(self._base.load_tensor(name), self._plan[module], self.scale_dtype)
+        view = getattr(self._base, "load_view", None)
+        if view is not None:  # safetensors: no copy, and each chunk's file pages leave RSS once quantized
+            parts = quantize_weight(view(name), self._plan[module], self.scale_dtype,
+                                    rows_done=lambda r0, r1: self._base.release(name, rows=(r0, r1)))
+        else:
+            parts = quantize_weight(self._base.load_tensor(name), self._plan[module], self.scale_dtype)
         _release(self._base, name)  # the source's mapped pages leave RSS: peak = quantized model + one layer
         return parts
 

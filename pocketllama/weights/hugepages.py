@@ -28,18 +28,23 @@ def empty_huge(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
     mm = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # nothing resident yet
-    try:
-        mm.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # THP unavailable: ordinary pages
-        pass
     raw = torch.frombuffer(mm, dtype=torch.uint8)  # keeps `mm` alive; unmapped when the last view dies
     offset = -raw.data_ptr() % HUGE_PAGE
+    try:  # only the whole huge pages inside the tensor: a partly used last one would waste up to 2 MiB
+        mm.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # THP unavailable: ordinary pages
+        pass
     return raw[offset:offset + nbytes].view(dtype).view(shape)
 
 
+def is_huge(t: torch.Tensor) -> bool:
+    """`t` starts a 2 MiB-aligned tensor of a fixed-size (mapped) storage: one `empty_huge` made."""
+    return t.device.type == "cpu" and t.data_ptr() % HUGE_PAGE == 0 and not t.untyped_storage().resizable()
+
+
 def to_huge(t: torch.Tensor) -> torch.Tensor:
-    """A copy of CPU tensor `t` in huge-page-backed memory (or `t` itself when it is small)."""
-    if t.device.type != "cpu" or t.numel() * t.element_size() < HUGE_PAGE:
+    """A copy of CPU tensor `t` in huge-page-backed memory (`t` itself when small or already there)."""
+    if t.device.type != "cpu" or t.numel() * t.element_size() < HUGE_PAGE or (t.is_contiguous() and is_huge(t)):
         return t
     out = empty_huge(t.shape, t.dtype)
     out.copy_(t)

@@ -59,15 +59,20 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as a read-only-by-convention view of the mapping (no copy; `_release` drops its pages)."""
         e = self.entries[name]
         begin, end = e["data_offsets"]
         src_dtype = _ST_DTYPES[e["dtype"]]
         if end == begin:
-            t = torch.empty(e["shape"], dtype=src_dtype)
-        else:
-            t = torch.frombuffer(self._mm, dtype=src_dtype, count=(end - begin) // src_dtype.itemsize,
-                                 offset=self._base + begin).view(e["shape"])
+            return torch.empty(e["shape"], dtype=src_dtype)
+        return torch.frombuffer(self._mm, dtype=src_dtype, count=(end - begin) // src_dtype.itemsize,
+                                offset=self._base + begin).view(e["shape"])
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        begin, end = self.entries[name]["data_offsets"]
+        t = self.view(name)
+        src_dtype = t.dtype
         out = empty_huge(t.shape, dtype or src_dtype)  # anonymous, huge-page memory streams faster (hugepages.py)
         out.copy_(t)
         self._release(self._base + begin, self._base + end)
@@ -133,11 +138,19 @@ class SafetensorsCheckpoint:
     def load_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self._where[name].get(name, dtype)
 
-    def release(self, name: str) -> None:
-        """Drop a tensor's mapped pages from RSS once the caller holds its own copy (e.g. quantized buffers);
-        views of it read the file again if touched."""
+    def load_view(self, name: str) -> torch.Tensor:
+        """The stored tensor without a copy, for a caller that converts it at once (quantization while
+        loading) and then calls `release(name)`."""
+        return self._where[name].view(name)
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drop a tensor's mapped pages (or those of rows r0..r1 of its first dimension) from RSS once the
+        caller holds its own copy (e.g. quantized buffers); views of it read the file again if touched."""
         f = self._where[name]
         begin, end = f.entries[name]["data_offsets"]
+        if rows is not None:
+            row_bytes = (end - begin) // max(1, f.shape(name)[0])
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
         f._release(f._base + begin, f._base + end)
 
     def load_tokenizer(self):

@@ -244,3 +244,18 @@ def test_vision_model_text_trunk_takes_an_int4_table(tmp_path):
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     ref = float_model(ids)
     assert ((model(ids) - ref).norm() / ref.norm()).item() < 0.43
+
+
+def test_quantize_weight_reports_every_row_chunk_once(monkeypatch):
+    """A memory-mapped source drops each chunk's pages as soon as it is quantized: the reported row ranges
+    tile the weight exactly, and chunking does not change the result."""
+    from pocketllama.quant import handler
+    from pocketllama.quant.recipe import QSpec
+
+    w = torch.randn(1000, 64)
+    whole = handler.quantize_weight(w, QSpec("int4", 32), torch.float32)
+    monkeypatch.setattr(handler, "QUANTIZE_CHUNK_VALUES", 64 * 300)  # 300 rows per chunk
+    seen: list[tuple[int, int]] = []
+    chunked = handler.quantize_weight(w, QSpec("int4", 32), torch.float32, rows_done=lambda a, b: seen.append((a, b)))
+    assert seen == [(0, 300), (300, 600), (600, 900), (900, 1000)]
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
