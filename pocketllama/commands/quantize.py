@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{', '.join(NAMED_RECIPES)}, or a JSON object like "
                         '\'{"linear": "int4", "group_size": 32, "embedding": "int8", "lm_head": "int8"}\' '
                         "(default: int4-g32, Meta's scheme: int4 linears, int8 token table; the -e4 recipes make "
-                        "the table (and tied output) int4 too, e.g. int4-g64-e4: a 1B in 0.70 GB)")
+                        "the table (and tied output) int4 too, e.g. int4-g64-e4: a 1B in 0.70 GB; "
+                        "int4-g32-e4g128 keeps g32 linears with a g128 int4 table: a 1B in 0.75 GB; in JSON the "
+                        "table's group is \"embedding_group_size\")")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the float tensors, scales and zeros (default: the source's own)")
     return p

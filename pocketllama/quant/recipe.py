@@ -1,4 +1,4 @@
-"""Quantization recipes: which modules become int8 / int4, by name (`int8`, `int4-g32`, `int4-g32-e4`, ...)
+"""Quantization recipes: which modules become int8 / int4, by name (`int8`, `int4-g32`, `int4-g32-e4g128`, ...)
 or as a dict that a saved checkpoint records in config.json (`pocketllama_quantization`). Never inferred from
 file names."""
 
@@ -35,8 +35,9 @@ class Recipe:
     """Weight-only quantization of a Llama: block linears, token embedding, output projection.
 
     A tied model has one table for the embedding and the output; it follows `embedding`, and `lm_head`
-    must agree (the int8 or int4 table serves both lookups and the logits matmul). Int4 anywhere uses
-    `group_size`. Named recipes:
+    must agree (the int8 or int4 table serves both lookups and the logits matmul). Int4 block linears use
+    `group_size`; an int4 token table and an int4 `lm_head` (tied or not: the two vocabulary matrices) use
+    `embedding_group_size`, None meaning `group_size`. Named recipes:
 
     - `int8`: everything int8, one scale per row.
     - `int4-g32` (also g64, g128, g256): block linears int4 in groups of 32 values, token table and
@@ -44,12 +45,17 @@ class Recipe:
     - `int4-g32-e4` (also g64, g128, g256): as `int4-g32` but the token table and output are int4 too, in
       the same groups. 1B: g32 0.77 GB; g64 0.70 GB, under the release table's 0.75 GB for 4-bit. The
       4-bit vocabulary costs some accuracy (SmolLM2-135M perplexity: +4% at g32, +12% at g64).
+    - `int4-g32-e4g128`: int4 linears in groups of 32 and an int4 table (and output) in groups of 128: the
+      table's scales shrink 4x while the linears keep g32's accuracy. 1B: 0.748 GB, at the release table's
+      0.75 GB. A table whose rows do not split into 128s stays float (SmolLM2-135M, 576 wide); there a
+      g64 table (`{"embedding_group_size": 64, ...}`) costs +10% perplexity, a g32 one +4%.
     """
 
     linear: Kind | None = None
     group_size: int | None = None  # int4 only: 32, 64, 128 or 256
     embedding: Kind | None = None
     lm_head: Kind | None = None
+    embedding_group_size: int | None = None  # int4 token table / lm_head only; None = group_size
 
     def __post_init__(self) -> None:
         for field, value, allowed in (("linear", self.linear, ("int8", "int4")),
@@ -64,6 +70,21 @@ class Recipe:
         if not uses_int4 and self.group_size is not None:
             raise ValueError(f"recipe group_size {self.group_size} applies to int4 only; int8 uses one scale "
                              "per output row")
+        if self.embedding_group_size is not None:
+            if "int4" not in (self.embedding, self.lm_head):
+                raise ValueError(f"recipe embedding_group_size {self.embedding_group_size!r} applies to an int4 "
+                                 f"token table or lm_head only, but embedding={self.embedding!r} and lm_head="
+                                 f"{self.lm_head!r}; set embedding (and lm_head) to 'int4' or drop the field")
+            if self.embedding_group_size not in INT4_GROUP_SIZES:
+                raise ValueError(f"recipe embedding_group_size is {self.embedding_group_size!r}; choose one of "
+                                 f"{INT4_GROUP_SIZES} or null (= group_size)")
+            if self.embedding_group_size == self.group_size:  # one spelling per recipe: equal = unset
+                object.__setattr__(self, "embedding_group_size", None)
+
+    @property
+    def table_group_size(self) -> int | None:
+        """The int4 group size of the token table and the output projection."""
+        return self.embedding_group_size or self.group_size
 
     @property
     def name(self) -> str:
@@ -73,22 +94,27 @@ class Recipe:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def to_dict(self) -> dict[str, Any]:
-        """The dict recorded in config.json."""
-        return {"linear": self.linear, "group_size": self.group_size, "embedding": self.embedding,
-                "lm_head": self.lm_head, "version": FORMAT_VERSION}
+        """The dict recorded in config.json (`embedding_group_size` only when set, so recipes without it
+        write what earlier versions wrote and read)."""
+        d: dict[str, Any] = {"linear": self.linear, "group_size": self.group_size, "embedding": self.embedding,
+                             "lm_head": self.lm_head, "version": FORMAT_VERSION}
+        if self.embedding_group_size is not None:
+            d["embedding_group_size"] = self.embedding_group_size
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        unknown = sorted(set(d) - {"linear", "group_size", "embedding", "lm_head", "version"})
+        unknown = sorted(set(d) - {"linear", "group_size", "embedding", "lm_head", "embedding_group_size",
+                                   "version"})
         if unknown:
             raise ValueError(f"quantization recipe has unknown key(s) {unknown}; known: linear, group_size, "
-                             "embedding, lm_head")
+                             "embedding, lm_head, embedding_group_size")
         version = d.get("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise ValueError(f"quantization format version {version} is not supported by this pocketllama "
                              f"(it reads version {FORMAT_VERSION}); upgrade pocketllama or re-quantize")
         return cls(linear=d.get("linear"), group_size=d.get("group_size"), embedding=d.get("embedding"),
-                   lm_head=d.get("lm_head"))
+                   lm_head=d.get("lm_head"), embedding_group_size=d.get("embedding_group_size"))
 
     def spec(self, module: str, shape: tuple[int, int], tied: bool) -> QSpec | None:
         """The storage of module `module` (HF name without `.weight`) with weight `shape` (out, in); None
@@ -103,16 +129,18 @@ class Recipe:
             if kind_of == "lm_head":  # a tied model has no output module of its own
                 return None
             if self.embedding == "int4":  # a table has no row-block constraint: Int4Embedding never packs natively
-                return QSpec("int4", self.group_size) if shape[1] % self.group_size == 0 else None
+                group = self.table_group_size
+                return QSpec("int4", group) if shape[1] % group == 0 else None
             return QSpec("int8") if self.embedding == "int8" else None
         kind = {"lm_head": self.lm_head, "linear": self.linear}.get(kind_of)
         if kind == "int8":
             return QSpec("int8")
         if kind == "int4":
             out_features, in_features = shape
-            if in_features % self.group_size or out_features % INT4_ROW_MULTIPLE:
+            group = self.table_group_size if kind_of == "lm_head" else self.group_size
+            if in_features % group or out_features % INT4_ROW_MULTIPLE:
                 return None
-            return QSpec("int4", self.group_size)
+            return QSpec("int4", group)
         return None
 
 
@@ -122,6 +150,8 @@ NAMED_RECIPES: dict[str, Recipe] = {
        for g in INT4_GROUP_SIZES},
     **{f"int4-g{g}-e4": Recipe(linear="int4", group_size=g, embedding="int4", lm_head="int4")
        for g in INT4_GROUP_SIZES},
+    "int4-g32-e4g128": Recipe(linear="int4", group_size=32, embedding="int4", lm_head="int4",
+                              embedding_group_size=128),
 }
 
 

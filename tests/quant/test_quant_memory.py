@@ -61,10 +61,24 @@ def test_llama_1b_int4_table_recipes_fit_the_release_figure():
         table + 128256 * 2) - (table // 2 + table // 32 * 4)  # int8 + a bf16 scale per row -> int4 g32
 
 
+def test_llama_1b_g32_linears_with_a_g128_table_fit_the_release_figure():
+    """int4-g32-e4g128 keeps the g32 block linears of Meta's scheme and stores the tied table in int4 groups of
+    128 (a bf16 scale and zero per 128 values): 0.748 GB, at the release table's 0.75 GB."""
+    cfg = TextConfig(**LLAMA_32_1B)
+    block = 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192)  # q,o + k,v + mlp
+    table = 128256 * 2048  # tied: one table, no lm_head
+    norms = (2 * 16 + 1) * 2048 * 2  # bf16
+    est = _estimate(cfg, "int4-g32-e4g128")
+    assert est.weights == {"int4-g32": block // 2 + block // 32 * 4, "int4-g128": table // 2 + table // 128 * 4,
+                           "bf16": norms}
+    assert est.weight_bytes == 747_851_776 <= 0.75e9
+    assert est.weight_bytes < _estimate(cfg, "int4-g32-e4").weight_bytes - 24_000_000  # 3/4 of the table's scales
+
+
 def test_estimate_matches_the_bytes_a_load_holds(tmp_path):
     save_tiny_llama(tmp_path, hidden_size=128, intermediate_size=256)
     for recipe, dtype in ((None, torch.float32), ("int8", torch.float32), ("int4-g32", torch.bfloat16),
-                          ("int4-g32-e4", torch.bfloat16)):
+                          ("int4-g32-e4", torch.bfloat16), ("int4-g32-e4g128", torch.bfloat16)):
         model, ckpt = load_model(tmp_path, dtype=dtype, quantize=recipe)
         held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
                    if t is not None) - sum(b.numel() * b.element_size() for n, b in model.named_buffers()
@@ -85,9 +99,15 @@ def test_check_fits_suggests_a_recipe_and_a_context(tmp_path):
         memory.check_fits(model, ckpt, dtype=torch.bfloat16, context=4096, available=(f.total + q.total) // 2)
     long = memory.estimate(model, ckpt, quantize="int4-g32", dtype=torch.bfloat16, context=65536)
     with pytest.raises(memory.NotEnoughMemoryError,  # the int4 table saves the rest; or a shorter context
-                       match=r"Try quantize='int4-g64-e4' \(CLI: --quantize int4-g64-e4; ~.*\) or context=32768 \(~"):
+                       match=r"Try quantize='int4-g32-e4g128' \(CLI: --quantize int4-g32-e4g128; ~.*\) or "
+                             r"context=32768 \(~"):
         memory.check_fits(model, ckpt, quantize="int4-g32", dtype=torch.bfloat16, context=65536,
                           available=long.total - 1)
+    g128 = memory.estimate(model, ckpt, quantize="int4-g32-e4g128", dtype=torch.bfloat16, context=65536)
+    with pytest.raises(memory.NotEnoughMemoryError,  # g32 linears with a g128 table do not fit: g64 ones do
+                       match=r"Try quantize='int4-g64-e4' \(CLI: --quantize int4-g64-e4; ~.*\) or context=32768"):
+        memory.check_fits(model, ckpt, quantize="int4-g32", dtype=torch.bfloat16, context=65536,
+                          available=g128.total - 1)
     with pytest.raises(memory.NotEnoughMemoryError, match="a smaller model; nothing pocketllama can change fits"):
         memory.check_fits(model, ckpt, dtype=torch.bfloat16, available=10**6)
     assert memory.check_fits(model, ckpt, dtype=torch.bfloat16, available=f.total).total == f.total
