@@ -183,9 +183,18 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, interle
             return extension().int8_gemv(x, weight, scales)
         if scales.shape[1] == 1 and has_native_int8() and x.dtype == scales.dtype:
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales.view(-1))
-    rows = (lambda r0, r1: deinterleave(weight, "int8", r0, r1)) if interleaved else (lambda r0, r1: weight[r0:r1])
-    return _fallback(x, weight.shape[0], lambda r0, r1: _deq_int8(rows(r0, r1), scales[r0:r1], x.dtype),
-                     INTERLEAVE["int8"][0])
+    ext = extension() if interleaved else None
+    if ext is not None:  # one C++ pass from the kernel layout (several times faster than the torch ops)
+        def dequant(r0: int, r1: int) -> torch.Tensor:
+            out = torch.empty(r1 - r0, x.shape[1], dtype=x.dtype)
+            ext.int8_dequant(weight, scales, r0, r1, out)
+            return out
+    else:
+        rows = (lambda r0, r1: deinterleave(weight, "int8", r0, r1)) if interleaved else (lambda r0, r1: weight[r0:r1])
+
+        def dequant(r0: int, r1: int) -> torch.Tensor:
+            return _deq_int8(rows(r0, r1), scales[r0:r1], x.dtype)
+    return _fallback(x, weight.shape[0], dequant, INTERLEAVE["int8"][0])
 
 
 def int4_mm_native(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
@@ -199,10 +208,18 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: 
     """x (M, K) @ dequant(int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N); canonical or interleaved."""
     if x.shape[0] <= SMALL_M and interleaved:
         return extension().int4_gemv(x, weight, scales, zeros)
-    rows = (lambda r0, r1: deinterleave(weight, "int4", r0, r1)) if interleaved else (lambda r0, r1: weight[r0:r1])
-    return _fallback(x, weight.shape[0],
-                     lambda r0, r1: _deq_int4(rows(r0, r1), scales[r0:r1], zeros[r0:r1], x.dtype),
-                     INTERLEAVE["int4"][0])
+    ext = extension() if interleaved else None
+    if ext is not None:  # one C++ pass from the kernel layout (several times faster than the torch ops)
+        def dequant(r0: int, r1: int) -> torch.Tensor:
+            out = torch.empty(r1 - r0, x.shape[1], dtype=x.dtype)
+            ext.int4_dequant(weight, scales, zeros, r0, r1, out)
+            return out
+    else:
+        rows = (lambda r0, r1: deinterleave(weight, "int4", r0, r1)) if interleaved else (lambda r0, r1: weight[r0:r1])
+
+        def dequant(r0: int, r1: int) -> torch.Tensor:
+            return _deq_int4(rows(r0, r1), scales[r0:r1], zeros[r0:r1], x.dtype)
+    return _fallback(x, weight.shape[0], dequant, INTERLEAVE["int4"][0])
 
 
 def _deq_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -7,6 +7,7 @@
 // summation order. Rows are split across PyTorch's intra-op threads (at::parallel_for).
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <type_traits>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
@@ -310,6 +311,144 @@ void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t
   }
 }
 
+// ---- dequantization for prefill (many rows): weights -> float rows, then one GEMM ---------------------------
+// Rows r0..r1 (multiples of the block rows) of an interleaved int4 / int8 weight as canonical (r1-r0, K) rows
+// in `out`'s dtype, in one parallel pass: w = (q - 8) * s + z (int4, fused multiply-add), q * s (int8), in
+// fp32 and rounded once: bit-identical to the pure-torch path's addcmul / mul.
+// 32 float values (16 even columns `e`, 16 odd `o`) -> T, stored in column order at dst.
+inline void store_pairs(const __m512 e, const __m512 o, float* dst) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  _mm512_storeu_ps(dst, _mm512_permutex2var_ps(e, lo, o));
+  _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(e, hi, o));
+}
+#ifdef __AVX512BF16__
+inline void store_pairs(const __m512 e, const __m512 o, c10::BFloat16* dst) {  // vcvtne2ps2bf16: nearest even
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(e, hi, o), _mm512_permutex2var_ps(e, lo, o));
+  _mm512_storeu_si512(dst, (__m512i)v);
+}
+#endif
+template <typename T>
+inline void store_pairs(const __m512 e, const __m512 o, T* dst) {
+  alignas(64) float tmp[32];
+  store_pairs(e, o, tmp);
+  for (int i = 0; i < 32; ++i) dst[i] = static_cast<T>(tmp[i]);  // round to nearest even, as ATen
+}
+
+template <typename S, typename T>
+void int4_dequant_impl(const uint8_t* W, const S* Sc, const S* Z, T* out, int64_t r0, int64_t r1, int64_t K,
+                       int64_t G) {
+  constexpr int R = ROWS_INT4;
+  const int64_t half = K / 2, gs = K / G;  // gs >= 32: each 16-byte half-chunk (32 values) is in one group
+  const __m512 eight = _mm512_set1_ps(8.f);
+  const __m512i mask = _mm512_set1_epi32(0xF);
+  at::parallel_for(r0 / R, r1 / R, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* wb = W + b * R * half;
+      for (int64_t c = 0; c < half / 32; ++c)
+        for (int r = 0; r < R; ++r) {
+          const int64_t n = b * R + r;
+          for (int h = 0; h < 2; ++h) {
+            const int64_t g = (c * 64 + 32 * h) / gs;
+            const __m512 sv = _mm512_set1_ps(static_cast<float>(Sc[n * G + g]));
+            const __m512 zv = _mm512_set1_ps(static_cast<float>(Z[n * G + g]));
+            const __m512i v = _mm512_cvtepu8_epi32(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + c * 32 * R + r * 32 + 16 * h)));
+            // (q - 8) * s + z fused (one rounding), like ATen's vectorized addcmul
+            const __m512 e = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, mask)), eight), sv, zv);
+            const __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), eight), sv, zv);
+            store_pairs(e, o, out + (n - r0) * K + c * 64 + 32 * h);
+          }
+        }
+    }
+  });
+}
+
+inline void store16(const __m512 v, float* dst) { _mm512_storeu_ps(dst, v); }
+#ifdef __AVX512BF16__
+inline void store16(const __m512 v, c10::BFloat16* dst) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+}
+#endif
+template <typename T>
+inline void store16(const __m512 v, T* dst) {
+  alignas(64) float tmp[16];
+  _mm512_storeu_ps(tmp, v);
+  for (int i = 0; i < 16; ++i) dst[i] = static_cast<T>(tmp[i]);
+}
+
+template <typename S, typename T>
+void int8_dequant_impl(const int8_t* W, const S* Sc, T* out, int64_t r0, int64_t r1, int64_t K, int64_t G) {
+  constexpr int R = ROWS_INT8;
+  const int64_t gs = K / G;  // a multiple of 16 (the interleaved layout's condition)
+  at::parallel_for(r0 / R, r1 / R, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int8_t* wb = W + b * R * K;
+      for (int64_t c = 0; c < K / 64; ++c)
+        for (int r = 0; r < R; ++r) {
+          const int64_t n = b * R + r;
+          for (int q = 0; q < 4; ++q) {
+            const int64_t k = c * 64 + 16 * q;
+            const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + c * 64 * R + r * 64 + 16 * q));
+            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)),
+                                           _mm512_set1_ps(static_cast<float>(Sc[n * G + k / gs])));
+            store16(v, out + (n - r0) * K + k);
+          }
+        }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_out(const at::Tensor& out, F&& f) {
+  switch (out.scalar_type()) {
+    case at::kFloat: f(out.data_ptr<float>()); break;
+    case at::kBFloat16: f(reinterpret_cast<c10::BFloat16*>(out.data_ptr())); break;
+    case at::kHalf: f(reinterpret_cast<c10::Half*>(out.data_ptr())); break;
+    default: TORCH_CHECK(false, "dequant: output must be float32, bfloat16 or float16");
+  }
+}
+
+template <typename F>
+void dispatch_scales(const at::Tensor& s, F&& f) {
+  switch (s.scalar_type()) {
+    case at::kFloat: f(s.data_ptr<float>()); break;
+    case at::kBFloat16: f(reinterpret_cast<const c10::BFloat16*>(s.data_ptr())); break;
+    case at::kHalf: f(reinterpret_cast<const c10::Half*>(s.data_ptr())); break;
+    default: TORCH_CHECK(false, "dequant: scales must be float32, bfloat16 or float16");
+  }
+}
+
+void int4_dequant(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t r0, int64_t r1,
+                  at::Tensor out) {
+  const int64_t N = s.size(0), G = s.size(1), K = out.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.numel() * 2 == N * K && K % 64 == 0,
+              "int4_dequant: interleaved uint8 weight (N, K/2)");
+  TORCH_CHECK(z.sizes() == s.sizes() && z.scalar_type() == s.scalar_type() && s.is_contiguous() && z.is_contiguous(),
+              "int4_dequant: scales/zeros (N, G) alike");
+  TORCH_CHECK(r0 % ROWS_INT4 == 0 && r1 % ROWS_INT4 == 0 && 0 <= r0 && r0 <= r1 && r1 <= N && out.is_contiguous() &&
+              out.size(0) == r1 - r0 && K % G == 0, "int4_dequant: rows in whole blocks, out (r1 - r0, K)");
+  dispatch_scales(s, [&](auto* sp) {
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
+    const S* zp = reinterpret_cast<const S*>(z.data_ptr());
+    dispatch_out(out, [&](auto* op) { int4_dequant_impl(w.data_ptr<uint8_t>(), sp, zp, op, r0, r1, K, G); });
+  });
+}
+
+void int8_dequant(const at::Tensor& w, const at::Tensor& s, int64_t r0, int64_t r1, at::Tensor out) {
+  const int64_t N = s.size(0), G = s.size(1), K = out.size(1);
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous() && w.numel() == N * K && K % 64 == 0,
+              "int8_dequant: interleaved int8 weight (N, K)");
+  TORCH_CHECK(s.is_contiguous() && r0 % ROWS_INT8 == 0 && r1 % ROWS_INT8 == 0 && 0 <= r0 && r0 <= r1 && r1 <= N &&
+              out.is_contiguous() && out.size(0) == r1 - r0 && K % G == 0,
+              "int8_dequant: rows in whole blocks, out (r1 - r0, K)");
+  dispatch_scales(s, [&](auto* sp) {
+    dispatch_out(out, [&](auto* op) { int8_dequant_impl(w.data_ptr<int8_t>(), sp, op, r0, r1, K, G); });
+  });
+}
+
 at::Tensor as_float_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "pocketllama gemv: x must be 2-D (M, K), got ", x.dim(), "-D");
   return x.to(at::kFloat).contiguous();
@@ -449,6 +588,8 @@ TORCH_LIBRARY(pocketllama_quant, m) {
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
 #endif
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("int4_dequant(Tensor w, Tensor scales, Tensor zeros, int r0, int r1, Tensor(a!) out) -> ()");
+  m.def("int8_dequant(Tensor w, Tensor scales, int r0, int r1, Tensor(a!) out) -> ()");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin, int head_dim) -> ()");
 }
 
@@ -459,5 +600,7 @@ TORCH_LIBRARY_IMPL(pocketllama_quant, CPU, m) {
   m.impl("bf16_gemv", &bf16_gemv);
 #endif
   m.impl("rms_norm", &rms_norm);
+  m.impl("int4_dequant", &int4_dequant);
+  m.impl("int8_dequant", &int8_dequant);
   m.impl("rotary_", &rotary_);
 }
