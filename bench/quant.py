@@ -6,7 +6,7 @@ tokens/s (64 greedy tokens after a 128-token prompt, no early stop), prefill tok
 per decoded token (process CPU time: with --threads 1 a fair cost when the machine is shared; with more
 threads it includes the pool's spin-waiting).
 
-    python bench/quant.py [--shapes 1b,3b] [--variants bf16,int8,int4-g32] [--threads 2] [--no-peers]
+    python bench/quant.py [--shapes 1b,3b] [--variants bf16,int8,int4-g32,int4-g32-e4g128] [--threads 2] [--no-peers]
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LLAMA_32_1B, LLAMA_32_3B, RSS_HELPERS, has_module, random_checkpoint, run_json, save, table  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 64
-RELEASE_GB = {"1b": {"bf16": 2.5, "int8": 1.25, "int4-g32": 0.75},  # HF blog: BF16 / FP8 / INT4 columns
-              "3b": {"bf16": 6.5, "int8": 3.2, "int4-g32": 1.75}}
-PEER_OF = {"bf16": "F16", "int8": "Q8_0", "int4-g32": "Q4_0"}
+RELEASE_GB = {"1b": {"bf16": 2.5, "int8": 1.25, "int4-g32": 0.75, "int4-g32-e4g128": 0.75},  # HF blog: BF16 /
+              "3b": {"bf16": 6.5, "int8": 3.2, "int4-g32": 1.75, "int4-g32-e4g128": 1.75}}  # FP8 / INT4 columns
+PEER_OF = {"bf16": "F16", "int8": "Q8_0", "int4-g32": "Q4_0", "int4-g32-e4g128": "Q4_0"}
 
 POCKETLLAMA = RSS_HELPERS + '''
 import torch
@@ -103,7 +103,7 @@ def gguf_of(src: Path, qtype: str) -> Path | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="1b")
-    ap.add_argument("--variants", default="bf16,int8,int4-g32")
+    ap.add_argument("--variants", default="bf16,int8,int4-g32,int4-g32-e4g128")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--no-peers", action="store_true")
     args = ap.parse_args()
