@@ -39,6 +39,7 @@ class MemoryEstimate:
     description: str = ""
     runtime: int = RUNTIME_BYTES
     parameters: dict[str, int] = field(default_factory=dict)  # precision label -> number of weights
+    cross_cache: int = 0  # Llama 3.2 Vision: the cross-attention K/V of one image (kept for a whole answer)
 
     @property
     def weight_bytes(self) -> int:
@@ -46,13 +47,14 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weight_bytes + self.kv_cache + self.activations + self.runtime
+        return self.weight_bytes + self.kv_cache + self.cross_cache + self.activations + self.runtime
 
     def table(self) -> str:
         rows = [(f"weights {label}", f"{self.parameters.get(label, 0) / 1e6:,.0f}M params", b)
                 for label, b in sorted(self.weights.items(), key=lambda kv: -kv[1])]
         rows += [("weights total", "", self.weight_bytes),
                  ("KV cache", f"{self.context:,} tokens, {_DTYPE_NAMES.get(self.dtype, self.dtype)}", self.kv_cache),
+                 *([("cross-attn cache", "one image, all tiles", self.cross_cache)] if self.cross_cache else []),
                  ("activations", f"prefill chunk {min(PREFILL_CHUNK, self.context)}", self.activations),
                  ("runtime", "Python, PyTorch, tokenizer", self.runtime),
                  ("total", "", self.total)]
@@ -98,20 +100,48 @@ def weight_bytes(shapes: dict[str, tuple[int, ...]], plan: dict[str, QSpec], dty
 
 
 def kv_cache_bytes(config: Any, context: int, dtype: torch.dtype, batch: int = 1) -> int:
+    config = getattr(config, "text", config)  # a vision model's text trunk holds the cache
     size = torch.tensor([], dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * context * config.head_dim * size
+
+
+def cross_cache_bytes(config: Any, dtype: torch.dtype, batch: int = 1) -> int:
+    """Llama 3.2 Vision: K and V of every cross-attention layer over one image's tokens (all tiles); 0 for a
+    text model."""
+    vision = getattr(config, "vision", None)
+    if vision is None:
+        return 0
+    text, size = config.text, torch.tensor([], dtype=dtype).element_size()
+    tokens = vision.max_num_tiles * vision.num_patches
+    return 2 * len(config.cross_attention_layers) * batch * text.num_key_value_heads * tokens * text.head_dim * size
+
+
+def vision_activation_bytes(config: Any, dtype: torch.dtype) -> int:
+    """Peak transient memory of encoding one image (all tiles at once): the encoder's hidden states, its MLP
+    and q/k/v, the stacked intermediate features and the projected output; attention runs in SDPA's fused
+    kernel (no score matrix)."""
+    vision = getattr(config, "vision", None)
+    if vision is None:
+        return 0
+    e = torch.tensor([], dtype=dtype).element_size()
+    tokens = vision.max_num_tiles * vision.num_patches
+    per_token = 6 * vision.hidden_size + vision.intermediate_size + vision.vision_output_dim + config.text.hidden_size
+    return tokens * per_token * e
 
 
 def activation_bytes(config: Any, context: int, dtype: torch.dtype, batch: int = 1, quantized: bool = False) -> int:
     """Peak transient memory of one prefill chunk: hidden states, q/k/v, MLP, fp32 attention scores over
     the context, one row of fp32 logits, and a dequantized weight chunk when a fallback kernel runs."""
+    vision_peak = vision_activation_bytes(config, dtype)
+    config = getattr(config, "text", config)
     e = torch.tensor([], dtype=dtype).element_size()
     t, s = min(PREFILL_CHUNK, context), context
     h, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     per_row = (6 * t * config.hidden_size + t * (2 * h + 2 * kv) * hd + 3 * t * config.intermediate_size) * e
     scores = h * t * s * (e + 4)
     logits = 2 * config.vocab_size * 4
-    return batch * (per_row + scores + logits) + (FALLBACK_CHUNK_VALUES * 4 if quantized else 0)
+    text_peak = batch * (per_row + scores + logits) + (FALLBACK_CHUNK_VALUES * 4 if quantized else 0)
+    return max(text_peak, vision_peak)  # an image is encoded before the prompt's prefill, not during it
 
 
 def estimate(model: nn.Module, checkpoint: Any, *, quantize: Any = None, dtype: torch.dtype,
@@ -120,7 +150,7 @@ def estimate(model: nn.Module, checkpoint: Any, *, quantize: Any = None, dtype: 
     from .handler import choose_plan, model_shapes
 
     config = model.config
-    context = min(context or DEFAULT_CONTEXT, config.max_position_embeddings)
+    context = min(context or DEFAULT_CONTEXT, getattr(config, "text", config).max_position_embeddings)
     if context < 1:
         raise ValueError(f"context must be >= 1 token, got {context}")
     lp = choose_plan(config, checkpoint, quantize, model_shapes(model))
@@ -132,26 +162,29 @@ def estimate(model: nn.Module, checkpoint: Any, *, quantize: Any = None, dtype: 
     return MemoryEstimate(weights, kv_cache_bytes(config, context, dtype, batch),
                           activation_bytes(config, context, dtype, batch, bool(plan)), context, dtype,
                           description=f"{Path(str(checkpoint.path)).name}: {_DTYPE_NAMES.get(dtype, dtype)}, {what}",
-                          parameters=params)
+                          parameters=params, cross_cache=cross_cache_bytes(config, dtype, batch))
 
 
 def plan_memory(source: Any = None, *, context: int | None = None, recipe: Any = None,
                 dtype: str | torch.dtype | None = None, batch: int = 1) -> MemoryEstimate:
     """`pocketllama memory`: open `source` for its metadata only (config, tensor table), build the model on the
     meta device and estimate a load with `recipe` ("none" = float) at `context` tokens."""
-    from ..config import TextConfig, parse_dtype
-    from ..models import model_class
+    from ..config import parse_dtype
+    from ..models import config_from_hf, model_class
     from ..sources import resolve
     from ..weights import open_checkpoint
     from ..weights.base import build_on_meta
 
     checkpoint = open_checkpoint(resolve(source))
-    config = getattr(checkpoint, "config", None) or TextConfig.from_hf(checkpoint.hf_config())
+    config = getattr(checkpoint, "config", None) or config_from_hf(checkpoint.hf_config())  # text or vision
+    cls = model_class(config.model_type)
+    if hasattr(cls, "adapt_checkpoint"):  # the model's other on-disk layouts (as load_model does)
+        checkpoint = cls.adapt_checkpoint(checkpoint)
     target = parse_dtype(dtype) or checkpoint.native_dtype
     if target not in (torch.float32, torch.bfloat16, torch.float16):
         target = torch.float32
     quantize = False if isinstance(recipe, str) and recipe.lower() == "none" else recipe
-    model = build_on_meta(model_class(config.model_type), config)
+    model = build_on_meta(cls, config)
     return estimate(model, checkpoint, quantize=quantize, dtype=target, context=context, batch=batch)
 
 
@@ -194,6 +227,7 @@ def check_fits(model: nn.Module, checkpoint: Any, *, quantize: Any = None, dtype
     hint = " or ".join(hints) if hints else "a smaller model; nothing pocketllama can change fits"
     raise NotEnoughMemoryError(
         f"not enough memory to load {checkpoint.path}: the estimate is {_gb(est.total)} (weights "
-        f"{_gb(est.weight_bytes)}, KV cache for {est.context:,} tokens {_gb(est.kv_cache)}, activations "
+        f"{_gb(est.weight_bytes)}, KV cache for {est.context:,} tokens {_gb(est.kv_cache + est.cross_cache)}, "
+        f"activations "
         f"{_gb(est.activations)}, runtime {_gb(est.runtime)}) but only {_gb(available)} is available "
         f"(MemAvailable). Try {hint}; `pocketllama memory MODEL` shows the breakdown.")

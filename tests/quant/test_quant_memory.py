@@ -125,3 +125,24 @@ def test_load_refuses_what_does_not_fit(tmp_path, monkeypatch):
 def test_available_bytes_reads_meminfo():
     value = memory.available_bytes()
     assert value is None or value > 10**7
+
+
+def test_vision_model_plan_counts_the_encoder_and_the_cross_attention_cache(tmp_path):
+    """`pocketllama memory` on Llama 3.2 Vision: every weight (vision tower included) as a load holds it, and
+    the cross-attention K/V of one image (all tiles) beside the text KV cache."""
+    from mllama_fixtures import save_mllama
+
+    save_mllama(tmp_path, hidden_size=64, intermediate_size=128)
+    for recipe, dtype in ((None, torch.float32), ("int4-g32", torch.bfloat16)):
+        model, _ = load_model(tmp_path, dtype=dtype, quantize=recipe)
+        held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+                   if t is not None) - sum(b.numel() * b.element_size() for n, b in model.named_buffers()
+                                           if "rotary" in n)
+        est = memory.plan_memory(tmp_path, recipe=recipe or "none", dtype=dtype, context=64)
+        assert est.weight_bytes == held, recipe
+        c = model.config
+        e = torch.tensor([], dtype=dtype).element_size()
+        want = (2 * len(c.cross_attention_layers) * c.text.num_key_value_heads * c.vision.max_num_tiles
+                * c.vision.num_patches * c.text.head_dim * e)
+        assert est.cross_cache == want > 0
+        assert "cross-attn cache" in est.table() and est.total > est.weight_bytes + est.kv_cache + est.cross_cache
