@@ -202,7 +202,7 @@ def main() -> None:
     engines: list[tuple[str, str, str]] = []
     if args.shape == "11b":
         mode = "int4+vision-int8" if args.vision == "int8" else "int4"
-        engines.append((f"pocketllama int4-g32, vision {args.vision}", POCKETLLAMA, mode))
+        engines.append((f"pocketllama int4-g32-e4g128, vision {args.vision}", POCKETLLAMA, mode))
     else:
         engines.append(("pocketllama bf16", POCKETLLAMA, "none"))
         if not args.no_peers:

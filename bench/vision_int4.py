@@ -1,5 +1,6 @@
 """Bench-only: load a Llama 3.2 Vision checkpoint with its text linears int4 (group 32), quantized while
-loading; embedding, lm_head, and (optionally) the vision tower's linears and projector int8 per row.
+loading; embedding and lm_head int4 in groups of 128 (as recipe int4-g32-e4g128), and (optionally) the vision
+tower's linears and projector int8 per row.
 
 Built from the quant package's primitives (`swap_modules`, `quantize_weight`) because its recipes only know
 the Llama text names (`model.layers.N...`); once they learn `language_model.model.layers.N.{self_attn,mlp,
@@ -27,8 +28,9 @@ def mllama_int4_plan(model: nn.Module, group_size: int = 32, vision_int8: bool =
     plan = {name: QSpec("int4", group_size) for name, m in model.named_modules()
             if name.startswith("language_model.model.layers.") and isinstance(m, nn.Linear)
             and m.in_features % group_size == 0 and m.out_features % 16 == 0}
-    plan["language_model.model.embed_tokens"] = QSpec("int8")
-    plan["language_model.lm_head"] = QSpec("int8")
+    table = QSpec("int4", 128)  # the vocabulary matrices as recipe int4-g32-e4g128 stores them
+    plan["language_model.model.embed_tokens"] = table
+    plan["language_model.lm_head"] = table
     if vision_int8:
         plan.update({name: QSpec("int8") for name, m in model.named_modules()
                      if (name.startswith("vision_model.") or name == "multi_modal_projector")

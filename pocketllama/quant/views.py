@@ -123,7 +123,7 @@ class GGUFBlocksCheckpoint(_QuantizedView):
         from gguf import GGMLQuantizationType as QT
 
         name = f"{module}.weight"
-        raw = self._base.raw_tensor(name, hf_row_order=True)
+        raw = self._base.raw_tensor(name, hf_row_order=True, copy=True)  # read, not mapped: RSS = this buffer
         convert = {QT.Q8_0: q8_0_to_int8, QT.Q4_0: q4_0_to_int4, QT.Q4_1: q4_1_to_int4}.get(raw.ggml_type)
         if convert is None:
             raise ValueError(f"{self.path}: tensor '{name}' is {raw.ggml_type.name}; only Q8_0, Q4_0 and Q4_1 "

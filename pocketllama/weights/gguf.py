@@ -353,15 +353,16 @@ class GGUFCheckpoint:
         return None
 
     def _dequantize(self, info: TensorInfo) -> np.ndarray:
-        """float32 (F16: float16, BF16: uint16 bits) array of shape info.shape; always a fresh array."""
+        """float32 (F16: float16, BF16: uint16 bits) array of shape info.shape; always a fresh array. The bytes
+        are read, not mapped: RSS holds this tensor only, never page-cache folios around it."""
         t = info.ggml_type
-        raw = self._file.tensor_bytes(info)
+        raw = self._file.read_tensor_bytes(info)
         if t == GGMLQuantizationType.F32:
-            out = raw.view(np.float32).reshape(info.shape).copy()
+            out = raw.view(np.float32).reshape(info.shape)
         elif t == GGMLQuantizationType.F16:
-            out = raw.view(np.float16).reshape(info.shape).copy()
+            out = raw.view(np.float16).reshape(info.shape)
         elif t == GGMLQuantizationType.BF16:
-            out = raw.view(np.uint16).reshape(info.shape).copy()
+            out = raw.view(np.uint16).reshape(info.shape)
         elif t in SUPPORTED_TYPES:
             block, type_size = GGML_QUANT_SIZES[t]
             rows = raw.reshape(-1, info.shape[-1] // block * type_size)  # (rows, bytes_per_row)
@@ -371,7 +372,6 @@ class GGUFCheckpoint:
                 f"{self.path}: GGUF tensor '{info.name}' has type {t.name}, which pocketllama cannot read; "
                 f"supported: {', '.join(s.name for s in SUPPORTED_TYPES)}"
             )
-        self._release(info)
         return out
 
     def _release(self, info: TensorInfo) -> None:
@@ -393,8 +393,9 @@ class GGUFCheckpoint:
             t = t.view(torch.bfloat16)
         return t.to(dtype or self.native_dtype)
 
-    def raw_tensor(self, name: str, *, hf_row_order: bool = False) -> RawTensor:
-        """Stored blocks of an HF-named tensor, zero-copy from the mmap (read-only) unless `hf_row_order`.
+    def raw_tensor(self, name: str, *, hf_row_order: bool = False, copy: bool = False) -> RawTensor:
+        """Stored blocks of an HF-named tensor, zero-copy from the mmap (read-only) unless `hf_row_order`
+        or `copy` (read into a private buffer with the file API: nothing of the mapping stays resident).
 
         Without `hf_row_order`, q/k rows are in GGUF (Meta interleaved) order; with it, they are reordered to
         HF order with `unpermute_qk` (a copy of the raw bytes, never a float round trip).
@@ -402,7 +403,8 @@ class GGUFCheckpoint:
         info = self._info(self.gguf_name(name))
         shape = info.shape
         block, type_size = GGML_QUANT_SIZES[info.ggml_type]
-        data = self._file.tensor_bytes(info).reshape(*shape[:-1], shape[-1] // block * type_size)
+        raw = self._file.read_tensor_bytes(info) if copy else self._file.tensor_bytes(info)
+        data = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
         if hf_row_order and (heads := self._permute_heads(info.name)) is not None:
             data = np.ascontiguousarray(unpermute_qk(data, heads))
         return RawTensor(info.ggml_type, data, shape)

@@ -76,6 +76,21 @@ class GGUFFile:
         """Zero-copy uint8 view of a tensor's raw bytes (read-only)."""
         return np.frombuffer(self.buffer, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def read_tensor_bytes(self, info: TensorInfo) -> np.ndarray:
+        """A private copy of a tensor's raw bytes, read with the file API (no page of the mapping becomes
+        resident: a caller converting blocks holds only this buffer and its result, whatever the kernel's
+        page-cache folio sizes make a mapped read cost)."""
+        out = np.empty(info.nbytes, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            view, done = memoryview(out), 0
+            while done < info.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"{self.path} is truncated: tensor {info.name!r} ends past the file")
+                done += n
+        return out
+
 
 class _Cursor:
     """Reads little-endian GGUF values from a buffer, checking every read against the file size."""
