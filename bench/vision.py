@@ -6,8 +6,9 @@ Shapes (SPEC 2.1):
            gated global layers (instead of 32 + 8), and a Llama-3.2-1B-shaped text trunk with 4 cross-attention
            layers; bf16, both engines. `encode x4 (est.)` scales the encode time to the full 40-layer depth.
   11b      Llama-3.2-11B-Vision-Instruct (~21 GB bf16 written once to bench/.cache in 2 GB shards); pocketllama
-           only, text linears int4 (group 32) quantized while loading, embedding, lm_head, vision linears and
-           projector int8 (`--vision bf16` keeps the vision tower as stored).
+           only, quantized while loading with recipe int4-g32-e4g128-v8: text linears int4 (group 32), embedding
+           and lm_head int4 (group 128), vision linears and projector int8 (`--vision bf16`: int4-g32-e4g128,
+           the vision tower as stored).
 
     python bench/vision.py [--shape reduced|11b] [--threads 2] [--no-peers] [--new-tokens 16]
 """
@@ -126,12 +127,7 @@ from pocketllama.engine.sampling import SamplingParams
 from pocketllama.vision import image_processor
 quantize = sys.argv[3]
 t = time.perf_counter()
-if quantize == "none":
-    llm = pocketllama.load(sys.argv[1], dtype="bfloat16")
-else:
-    sys.path.insert(0, str(pathlib.Path(sys.argv[4])))
-    from vision_int4 import load_int4
-    llm = load_int4(sys.argv[1], vision_int8=quantize == "int4+vision-int8")
+llm = pocketllama.load(sys.argv[1], dtype="bfloat16", quantize=None if quantize == "none" else quantize)
 load_s = time.perf_counter() - t
 load_peak = peak_mb()
 model = llm.model
@@ -201,8 +197,8 @@ def main() -> None:
     path = random_vision_checkpoint(args.shape)
     engines: list[tuple[str, str, str]] = []
     if args.shape == "11b":
-        mode = "int4+vision-int8" if args.vision == "int8" else "int4"
-        engines.append((f"pocketllama int4-g32-e4g128, vision {args.vision}", POCKETLLAMA, mode))
+        recipe = "int4-g32-e4g128-v8" if args.vision == "int8" else "int4-g32-e4g128"
+        engines.append((f"pocketllama {recipe}", POCKETLLAMA, recipe))
     else:
         engines.append(("pocketllama bf16", POCKETLLAMA, "none"))
         if not args.no_peers:

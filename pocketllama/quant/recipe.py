@@ -4,6 +4,7 @@ file names."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ _PREFIX = r"(?:language_model\.)?"
 _BLOCK_LINEAR = re.compile(_PREFIX + r"model\.layers\.\d+\.(self_attn|cross_attn|mlp)\.\w+_proj")
 _EMBEDDING = re.compile(_PREFIX + r"model\.embed_tokens")
 _LM_HEAD = re.compile(_PREFIX + r"lm_head")
+# Llama 3.2 Vision's encoder linears (local and gated global layers) and its projector into the text trunk
+_VISION = re.compile(r"vision_model\.(?:transformer|global_transformer)\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.fc[12])"
+                     r"|multi_modal_projector")
+VISION_SUFFIX = "-v8"  # a named recipe + "-v8": the same with the vision encoder's linears int8
 INT4_ROW_MULTIPLE = 16  # PyTorch's int4 kernels pack output rows in blocks of 16
 
 
@@ -49,6 +54,8 @@ class Recipe:
       table's scales shrink 4x while the linears keep g32's accuracy. 1B: 0.748 GB, at the release table's
       0.75 GB. A table whose rows do not split into 128s stays float (SmolLM2-135M, 576 wide); there a
       g64 table (`{"embedding_group_size": 64, ...}`) costs +10% perplexity, a g32 one +4%.
+    - any of these + `-v8` (e.g. `int4-g32-e4g128-v8`): Llama 3.2 Vision's encoder linears and projector
+      int8 per row too (`vision: "int8"`); without it the vision tower stays as stored (11B: 1.8 GB bf16).
     """
 
     linear: Kind | None = None
@@ -56,11 +63,13 @@ class Recipe:
     embedding: Kind | None = None
     lm_head: Kind | None = None
     embedding_group_size: int | None = None  # int4 token table / lm_head only; None = group_size
+    vision: Literal["int8"] | None = None  # Llama 3.2 Vision encoder linears + projector
 
     def __post_init__(self) -> None:
         for field, value, allowed in (("linear", self.linear, ("int8", "int4")),
                                       ("embedding", self.embedding, ("int8", "int4")),
-                                      ("lm_head", self.lm_head, ("int8", "int4"))):
+                                      ("lm_head", self.lm_head, ("int8", "int4")),
+                                      ("vision", self.vision, ("int8",))):
             if value is not None and value not in allowed:
                 raise ValueError(f"recipe field {field!r} is {value!r}; choose one of {allowed} or null")
         uses_int4 = "int4" in (self.linear, self.embedding, self.lm_head)
@@ -88,9 +97,10 @@ class Recipe:
 
     @property
     def name(self) -> str:
+        base = dataclasses.replace(self, vision=None)
         for name, recipe in NAMED_RECIPES.items():
-            if recipe == self:
-                return name
+            if recipe == base:
+                return name + (VISION_SUFFIX if self.vision else "")
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,26 +110,31 @@ class Recipe:
                              "lm_head": self.lm_head, "version": FORMAT_VERSION}
         if self.embedding_group_size is not None:
             d["embedding_group_size"] = self.embedding_group_size
+        if self.vision is not None:
+            d["vision"] = self.vision
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Recipe:
         unknown = sorted(set(d) - {"linear", "group_size", "embedding", "lm_head", "embedding_group_size",
-                                   "version"})
+                                   "vision", "version"})
         if unknown:
             raise ValueError(f"quantization recipe has unknown key(s) {unknown}; known: linear, group_size, "
-                             "embedding, lm_head, embedding_group_size")
+                             "embedding, lm_head, embedding_group_size, vision")
         version = d.get("version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise ValueError(f"quantization format version {version} is not supported by this pocketllama "
                              f"(it reads version {FORMAT_VERSION}); upgrade pocketllama or re-quantize")
         return cls(linear=d.get("linear"), group_size=d.get("group_size"), embedding=d.get("embedding"),
-                   lm_head=d.get("lm_head"), embedding_group_size=d.get("embedding_group_size"))
+                   lm_head=d.get("lm_head"), embedding_group_size=d.get("embedding_group_size"),
+                   vision=d.get("vision"))
 
     def spec(self, module: str, shape: tuple[int, int], tied: bool) -> QSpec | None:
         """The storage of module `module` (HF name without `.weight`) with weight `shape` (out, in); None
         keeps it in floating point (not covered by the recipe, or int4 groups that do not fit its shape)."""
         kind_of = role(module)
+        if kind_of == "vision":
+            return QSpec("int8") if self.vision == "int8" else None
         if kind_of == "embedding" or (kind_of == "lm_head" and tied):
             if tied and self.lm_head != self.embedding:
                 raise ValueError(
@@ -168,13 +183,20 @@ def parse_recipe(value: str | dict[str, Any] | Recipe) -> Recipe:
             raise ValueError(f"recipe {value!r} is not valid JSON: {e}") from None
     if isinstance(value, str) and value.lower() in NAMED_RECIPES:
         return NAMED_RECIPES[value.lower()]
+    if isinstance(value, str) and value.lower().endswith(VISION_SUFFIX) and (
+            base := value.lower()[: -len(VISION_SUFFIX)]) in NAMED_RECIPES:
+        return dataclasses.replace(NAMED_RECIPES[base], vision="int8")
     raise ValueError(f"unknown quantization recipe {value!r}; choose one of {', '.join(NAMED_RECIPES)} "
+                     f"(each optionally + {VISION_SUFFIX!r}: the vision encoder int8 too) "
                      "or give a dict like {\"linear\": \"int4\", \"group_size\": 32, \"embedding\": \"int8\", "
                      "\"lm_head\": \"int8\"}")
 
 
-def role(module: str) -> Literal["embedding", "lm_head", "linear"] | None:
-    """What a module is to a recipe: the token table, the output projection, a block linear, or nothing."""
+def role(module: str) -> Literal["embedding", "lm_head", "linear", "vision"] | None:
+    """What a module is to a recipe: the token table, the output projection, a block linear, a vision
+    encoder linear, or nothing."""
+    if _VISION.fullmatch(module):
+        return "vision"
     if _EMBEDDING.fullmatch(module):
         return "embedding"
     if _LM_HEAD.fullmatch(module):
