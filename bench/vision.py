@@ -134,7 +134,7 @@ model = llm.model
 msgs = [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": TEXT}]}]
 ids = llm.apply_chat_template(msgs, date_string="26 Jul 2024")
 images = image_processor(model, llm.source)([[IMAGE]])
-params = SamplingParams(max_tokens=int(sys.argv[5]), ignore_eos=True)
+params = SamplingParams(max_tokens=int(sys.argv[4]), ignore_eos=True)
 with torch.inference_mode():
     cache = model.make_cache(1, 512)
     t = time.perf_counter()
@@ -164,7 +164,7 @@ ids = fmt.encode(msgs, date_string="26 Jul 2024")
 inputs = MllamaImageProcessorPil.from_pretrained(sys.argv[1])(images=[[IMAGE]], return_tensors="pt")
 x = torch.tensor([ids])
 xmask = cross_attention_mask([ids], inputs["num_tiles"], 128256)
-n = int(sys.argv[5])
+n = int(sys.argv[4])
 kw = dict(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
           aspect_ratio_mask=inputs["aspect_ratio_mask"], cross_attention_mask=xmask, do_sample=False)
 with torch.inference_mode():
@@ -206,7 +206,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for engine, code, quantize in engines:
         print(f"[{args.shape}] {engine} ...", file=sys.stderr, flush=True)
-        r = run_json(code, str(path), args.threads, quantize, str(Path(__file__).resolve().parent), args.new_tokens,
+        r = run_json(code, str(path), args.threads, quantize, args.new_tokens,
                      timeout=7200)
         if "encode_s" in r:
             r["encode x4 (est.)" if args.shape == "reduced" else "encode full"] = r["encode_s"] * DEPTH_SCALE[args.shape]

@@ -1,5 +1,5 @@
-"""The optional C++ GEMV kernels (csrc/gemv.cpp, AVX-512), built with the machine's compiler at first use and
-cached under ~/.cache/pocketllama; None (the pure-torch paths run instead) when they cannot be built.
+"""The optional C++ CPU kernels (csrc/gemv.cpp, AVX-512: GEMVs, dequantization, RMSNorm, rotary), built with
+the machine's compiler at first use and cached under ~/.cache/pocketllama; None (the pure-torch paths run instead) when they cannot be built.
 
 POCKETLLAMA_NO_EXT=1 disables them.
 """
@@ -38,7 +38,8 @@ def _cpu_flags() -> str:
 
 @functools.cache
 def kernels() -> Any | None:
-    """`torch.ops.pocketllama_quant` (int8_gemv, int4_gemv), or None where unavailable."""
+    """`torch.ops.pocketllama_quant` (int8/int4/bf16 GEMVs, int8/int4 dequant, rms_norm, rotary_), or None where
+    unavailable."""
     if os.environ.get("POCKETLLAMA_NO_EXT") == "1":
         return None
     flags = _cpu_flags().split()

@@ -183,18 +183,8 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, interle
             return extension().int8_gemv(x, weight, scales)
         if scales.shape[1] == 1 and has_native_int8() and x.dtype == scales.dtype:
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales.view(-1))
-    ext = extension() if interleaved else None
-    if ext is not None:  # one C++ pass from the kernel layout (several times faster than the torch ops)
-        def dequant(r0: int, r1: int) -> torch.Tensor:
-            out = torch.empty(r1 - r0, x.shape[1], dtype=x.dtype)
-            ext.int8_dequant(weight, scales, r0, r1, out)
-            return out
-    else:
-        rows = (lambda r0, r1: deinterleave(weight, "int8", r0, r1)) if interleaved else (lambda r0, r1: weight[r0:r1])
-
-        def dequant(r0: int, r1: int) -> torch.Tensor:
-            return _deq_int8(rows(r0, r1), scales[r0:r1], x.dtype)
-    return _fallback(x, weight.shape[0], dequant, INTERLEAVE["int8"][0])
+    return _fallback(x, weight.shape[0], _row_dequantizer("int8", weight, scales, None, interleaved, x),
+                     INTERLEAVE["int8"][0])
 
 
 def int4_mm_native(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
@@ -208,18 +198,31 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: 
     """x (M, K) @ dequant(int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N); canonical or interleaved."""
     if x.shape[0] <= SMALL_M and interleaved:
         return extension().int4_gemv(x, weight, scales, zeros)
+    return _fallback(x, weight.shape[0], _row_dequantizer("int4", weight, scales, zeros, interleaved, x),
+                     INTERLEAVE["int4"][0])
+
+
+def _row_dequantizer(kind: str, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     interleaved: bool, x: torch.Tensor):
+    """(r0, r1) -> rows r0..r1 of the weight as x.dtype (canonical order): one C++ pass from the kernels'
+    interleaved layout (several times faster), else the torch ops."""
     ext = extension() if interleaved else None
-    if ext is not None:  # one C++ pass from the kernel layout (several times faster than the torch ops)
+    if ext is not None:
         def dequant(r0: int, r1: int) -> torch.Tensor:
             out = torch.empty(r1 - r0, x.shape[1], dtype=x.dtype)
-            ext.int4_dequant(weight, scales, zeros, r0, r1, out)
+            if kind == "int8":
+                ext.int8_dequant(weight, scales, r0, r1, out)
+            else:
+                ext.int4_dequant(weight, scales, zeros, r0, r1, out)
             return out
-    else:
-        rows = (lambda r0, r1: deinterleave(weight, "int4", r0, r1)) if interleaved else (lambda r0, r1: weight[r0:r1])
+        return dequant
 
-        def dequant(r0: int, r1: int) -> torch.Tensor:
-            return _deq_int4(rows(r0, r1), scales[r0:r1], zeros[r0:r1], x.dtype)
-    return _fallback(x, weight.shape[0], dequant, INTERLEAVE["int4"][0])
+    def dequant(r0: int, r1: int) -> torch.Tensor:
+        w = deinterleave(weight, kind, r0, r1) if interleaved else weight[r0:r1]
+        if kind == "int8":
+            return _deq_int8(w, scales[r0:r1], x.dtype)
+        return _deq_int4(w, scales[r0:r1], zeros[r0:r1], x.dtype)
+    return dequant
 
 
 def _deq_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

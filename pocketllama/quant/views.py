@@ -111,7 +111,6 @@ class QuantizingCheckpoint(_QuantizedView):
                                     rows_done=lambda r0, r1: self._base.release(name, rows=(r0, r1)))
         else:
             parts = quantize_weight(self._base.load_tensor(name), self._plan[module], self.scale_dtype)
-        _release(self._base, name)  # the source's mapped pages leave RSS: peak = quantized model + one layer
         return parts
 
 
@@ -128,10 +127,7 @@ class GGUFBlocksCheckpoint(_QuantizedView):
         if convert is None:
             raise ValueError(f"{self.path}: tensor '{name}' is {raw.ggml_type.name}; only Q8_0, Q4_0 and Q4_1 "
                              "blocks load quantized")
-        parts = dict(zip(("weight", "scales", "zeros"), convert(raw.data), strict=False))
-        del raw
-        _release(self._base, name)
-        return parts
+        return dict(zip(("weight", "scales", "zeros"), convert(raw.data), strict=False))
 
 
 class DequantizingCheckpoint(_View):
@@ -165,13 +161,3 @@ class DequantizingCheckpoint(_View):
             return dequantize_int8(weight, scales, torch.float32).to(dtype)
         zeros = self._base.load_tensor(f"{module}.zeros")
         return dequantize_int4(weight, scales, zeros, torch.float32).to(dtype)
-
-
-def _release(checkpoint: Any, name: str) -> None:
-    """Drop a tensor's file pages from RSS once it is copied (they stay in the page cache): `release(name)`
-    where the checkpoint has it (safetensors), GGUFCheckpoint's private helper otherwise."""
-    release = getattr(checkpoint, "release", None)
-    if release is not None:
-        release(name)
-    elif hasattr(checkpoint, "_release") and hasattr(checkpoint, "_info"):  # GGUFCheckpoint without `release`
-        checkpoint._release(checkpoint._info(checkpoint.gguf_name(name)))

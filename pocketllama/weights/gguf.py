@@ -7,7 +7,6 @@ load time so every tensor comes out in HF layout. The container itself is parsed
 from __future__ import annotations
 
 import math
-import mmap
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -373,14 +372,6 @@ class GGUFCheckpoint:
                 f"supported: {', '.join(s.name for s in SUPPORTED_TYPES)}"
             )
         return out
-
-    def _release(self, info: TensorInfo) -> None:
-        """Drop the tensor's file pages from our RSS (they stay in the page cache); keeps peak memory ~1 model."""
-        start = info.offset - info.offset % mmap.PAGESIZE
-        try:
-            self._file.buffer.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
-        except (AttributeError, OSError, ValueError):  # no madvise on this platform: harmless
-            pass
 
     def load_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dequantized tensor in HF layout (q/k rows un-permuted), dtype `dtype` or `native_dtype`."""
