@@ -78,6 +78,11 @@ class LlamaAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = fused_outputs(self, "_fused_qkv", [self.q_proj, self.k_proj, self.v_proj], x)  # (B, T, n*hd)
         rotated = not torch.is_grad_enabled() and kernels.rotary_([q, k], cos, sin, self.head_dim)  # in place
+        if rotated and ctx.cache is not None and T <= SMALL_QUERY:  # decode: cache write + attention, one call
+            out = kernels.decode_attention(q, k, v, ctx.cache.keys[self.layer_idx], ctx.cache.values[self.layer_idx],
+                                           ctx.row_ids, ctx.positions, self.head_dim)  # (B, T, H*hd)
+            if out is not None:
+                return self.o_proj(out)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -146,8 +151,8 @@ class _StepContext:
     def __init__(self, positions: torch.Tensor, cache: KVCache | None, cache_rows: torch.Tensor | None,
                  attn_mask: torch.Tensor | None = None) -> None:
         self.cache, self.positions = cache, positions
-        self.rows = self.cache_rows = None
-        self.mask = attn_mask
+        self.rows = self.cache_rows = self.row_ids = None
+        self._mask = attn_mask
         self._bias: tuple[tuple[int, torch.dtype], torch.Tensor] | None = None
         self.kv_len = 0
         if attn_mask is not None and cache is not None:
@@ -167,12 +172,17 @@ class _StepContext:
                 if top > cache.max_len or int(positions.min()) < 0:
                     raise ValueError(f"position {top - 1} is outside the KV cache (max_len {cache.max_len})")
                 self.kv_len = min(round_up(top, KV_WINDOW), cache.max_len)
-            if cache_rows is None:
-                self.rows = torch.arange(B, device=positions.device)[:, None]  # (B, 1)
-            else:
-                self.rows, self.cache_rows = cache_rows[:, None], cache_rows
-            slots = torch.arange(self.kv_len, device=positions.device)
-            self.mask = (slots <= positions[:, :, None])[:, None]  # (B, 1, T, S): causal per row
+            self.row_ids = torch.arange(B, device=positions.device) if cache_rows is None else cache_rows  # (B,)
+            self.rows, self.cache_rows = self.row_ids[:, None], cache_rows  # (B, 1)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The caller's mask (no cache), or with a cache the causal mask by position (B, 1, T, S), built on
+        first use (the one-call decode attention needs none)."""
+        if self._mask is None and self.cache is not None:
+            slots = torch.arange(self.kv_len, device=self.positions.device)
+            self._mask = (slots <= self.positions[:, :, None])[:, None]
+        return self._mask
 
     def grouped_bias(self, groups: int, dtype: torch.dtype) -> torch.Tensor:
         """The causal mask as an additive bias for `_grouped_attention`, built once per step: (B, 1, G*T, S)."""

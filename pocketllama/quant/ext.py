@@ -1,4 +1,4 @@
-"""The optional C++ CPU kernels (csrc/gemv.cpp, AVX-512: GEMVs, dequantization, RMSNorm, rotary), built with
+"""The optional C++ CPU kernels (csrc/*.cpp, AVX-512: GEMVs, dequantization, RMSNorm, rotary, decode attention), built with
 the machine's compiler at first use and cached under ~/.cache/pocketllama; None (the pure-torch paths run instead) when they cannot be built.
 
 POCKETLLAMA_NO_EXT=1 disables them.
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 
 
 def _cache_dir(tag: str) -> Path:
@@ -38,16 +38,17 @@ def _cpu_flags() -> str:
 
 @functools.cache
 def kernels() -> Any | None:
-    """`torch.ops.pocketllama_quant` (int8/int4/bf16 GEMVs, int8/int4 dequant, rms_norm, rotary_), or None where
+    """`torch.ops.pocketllama_quant` (int8/int4/bf16 GEMVs, int8/int4 dequant, rms_norm, rotary_,
+    decode_attention), or None where
     unavailable."""
     if os.environ.get("POCKETLLAMA_NO_EXT") == "1":
         return None
     flags = _cpu_flags().split()
     if not {"avx512f", "avx512bw"} <= set(flags) or not sys.platform.startswith("linux"):
         return None
-    if shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
+    if not SOURCES or shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES)
     tag = hashlib.sha256(source + torch.__version__.encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
     build = _cache_dir(tag)
     build.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,7 @@ def kernels() -> Any | None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            load(name=f"pocketllama_quant_{tag[:8]}", sources=[str(SOURCE)], build_directory=str(build),
+            load(name=f"pocketllama_quant_{tag[:8]}", sources=[str(p) for p in SOURCES], build_directory=str(build),
                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                  is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, headers or ninja: the pure-torch kernels still work

@@ -176,6 +176,20 @@ def rotary_(xs: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, head_d
     return True
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+                     cache_v: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                     head_dim: int) -> torch.Tensor | None:
+    """Write k/v (B, T, KV*hd) into the cache buffers (Bc, KV, S, hd) at `positions` (B, T) of cache `rows`
+    (B,), then attend q (B, T, H*hd) causally by position -> (B, T, H*hd), in one C++ call; None (nothing
+    written: the caller runs the eager path) where the kernel does not apply."""
+    ext = _glue_ext(q, k, v, cache_k, cache_v)
+    if (ext is None or not hasattr(ext, "decode_attention") or head_dim % 16 or torch.compiler.is_compiling()
+            or any(t.stride(-1) != 1 for t in (q, k, v)) or not (cache_k.is_contiguous() and cache_v.is_contiguous())):
+        return None
+    return ext.decode_attention(q, k, v, cache_k, cache_v, rows.contiguous(), positions.contiguous(),
+                                head_dim**-0.5)
+
+
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """x (M, K) @ (weight int8 (N, K) * scales (N, G)).T -> (M, N); `interleaved`: the C++ kernels' layout."""
     if x.shape[0] <= SMALL_M:

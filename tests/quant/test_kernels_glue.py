@@ -91,3 +91,71 @@ def test_cpp_dequantization_equals_the_torch_path_exactly(dtype, group):
     with torch.inference_mode():
         tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-2}  # bf16 outputs: blocking + rounding
         torch.testing.assert_close(m4(x), torch.nn.functional.linear(x, want4, m4.bias), **tol)
+
+
+def _reference_attention(q, k, v, cache_k, cache_v, rows, positions, hd):
+    """The eager ops: index_put into the cache, then HF's eager attention with a causal-by-position mask."""
+    B, T, _ = q.shape
+    KV, S = cache_k.shape[1], cache_k.shape[2]
+    H = q.shape[-1] // hd
+    cache_k[rows[:, None], :, positions] = k.view(B, T, KV, hd)
+    cache_v[rows[:, None], :, positions] = v.view(B, T, KV, hd)
+    Q = q.reshape(B, T, H, hd).transpose(1, 2)
+    K, V = cache_k[rows].repeat_interleave(H // KV, 1), cache_v[rows].repeat_interleave(H // KV, 1)
+    scores = (Q @ K.transpose(-1, -2)) * hd**-0.5
+    allowed = torch.arange(S)[None, None, None, :] <= positions[:, None, :, None]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ V).transpose(1, 2).reshape(B, T, H * hd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_writes_the_cache_and_matches_eager_attention(dtype):
+    g = torch.Generator().manual_seed(2)
+    B, T, H, KV, hd, S = 2, 3, 8, 2, 64, 40
+    fused = torch.randn(B, T, (H + 2 * KV) * hd, generator=g).to(dtype)  # q | k | v as views of one output
+    q, k, v = fused.split([H * hd, KV * hd, KV * hd], dim=-1)
+    cache_k, cache_v = torch.randn(3, KV, S, hd, generator=g).to(dtype), torch.randn(3, KV, S, hd, generator=g).to(dtype)
+    ref_k, ref_v = cache_k.clone(), cache_v.clone()
+    rows, positions = torch.tensor([2, 0]), torch.tensor([[5, 6, 7], [20, 21, 22]])  # later queries see earlier ones
+    with torch.inference_mode():
+        out = kernels.decode_attention(q, k, v, cache_k, cache_v, rows, positions, hd)
+    want = _reference_attention(q, k, v, ref_k, ref_v, rows, positions, hd)
+    assert torch.equal(cache_k, ref_k) and torch.equal(cache_v, ref_v)  # same slots written, others untouched
+    assert out.shape == (B, T, H * hd) and out.dtype == dtype
+    torch.testing.assert_close(out, want, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_decode_attention_refuses_a_position_outside_the_cache():
+    hd = 16
+    q, k, v = torch.randn(1, 1, 2 * hd), torch.randn(1, 1, hd), torch.randn(1, 1, hd)
+    cache = torch.zeros(1, 1, 8, hd)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="position 8 is outside the KV cache"):
+        kernels.decode_attention(q, k, v, cache, cache.clone(), torch.tensor([0]), torch.tensor([[8]]), hd)
+    assert kernels.decode_attention(q[..., :24], k[..., :12], v[..., :12], cache[..., :12].contiguous(),
+                                    cache[..., :12].contiguous(), torch.tensor([0]), torch.tensor([[1]]), 12) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_decode_is_the_same_with_and_without_the_attention_kernel(dtype, monkeypatch):
+    from pocketllama.config import TextConfig
+    from pocketllama.models.llama import LlamaForCausalLM
+
+    cfg = TextConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    ids = torch.randint(0, 64, (2, 9))
+
+    def decode() -> torch.Tensor:
+        cache = model.make_cache(2, 32)
+        with torch.inference_mode():
+            model(ids[:, :6], cache=cache)
+            steps = [model(ids[:, 6:8], positions=torch.tensor([[6, 7], [6, 7]]), cache=cache),  # verification
+                     model(ids[:, 8:], positions=torch.tensor([[8], [8]]), cache=cache)]
+        return torch.cat(steps, dim=1)
+
+    fast = decode()
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: None)
+    torch.testing.assert_close(fast, decode(), rtol=1e-5 if dtype == torch.float32 else 2e-2,
+                               atol=1e-5 if dtype == torch.float32 else 2e-2)

@@ -1,0 +1,135 @@
+// pocketllama decode attention for CPUs with AVX-512: write a few new tokens' keys/values into the static KV
+// cache and attend their queries against it, in one call (eager PyTorch needs ~15 dispatcher calls and two
+// small bmm per layer, which dominate a small model's decode step).
+//   q (B, T, H*hd), k/v (B, T, KV*hd): the projections of the new tokens (row views of a fused output are fine)
+//   cache_k/cache_v (Bc, KV, S, hd) contiguous; rows (B,) cache row of each input row; positions (B, T)
+// Query (b, t) of head h attends slots 0..positions[b, t] of kv head h / (H / KV) (heads of a group are
+// consecutive, as repeat_interleave). Arithmetic follows HF's eager attention in the activation dtype T:
+//   s = round_T(q.k) (fp32 accumulation), s = round_T(s * scale), p = round_T(softmax_fp32(s)),
+//   out = round_T(sum p v) (fp32 accumulation)
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <typename T>
+inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+template <typename T>
+void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& ck, at::Tensor& cv,
+                 const at::Tensor& rows, const at::Tensor& positions, double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), T_ = q.size(1), KV = ck.size(1), S = ck.size(2), hd = ck.size(3);
+  const int64_t H = q.size(2) / hd, G = H / KV;
+  const int64_t* R = rows.data_ptr<int64_t>();
+  const int64_t* P = positions.data_ptr<int64_t>();
+  T* CK = reinterpret_cast<T*>(ck.data_ptr());
+  T* CV = reinterpret_cast<T*>(cv.data_ptr());
+  const T* Q = reinterpret_cast<const T*>(q.data_ptr());
+  const T* Kn = reinterpret_cast<const T*>(k.data_ptr());
+  const T* Vn = reinterpret_cast<const T*>(v.data_ptr());
+  T* O = reinterpret_cast<T*>(out.data_ptr());
+  auto slot = [&](T* buf, int64_t row, int64_t kvh, int64_t pos) { return buf + ((row * KV + kvh) * S + pos) * hd; };
+  // 1. the new keys/values land in their slots first: query t also sees the tokens before it in this call
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T_; ++t)
+      for (int64_t h = 0; h < KV; ++h) {
+        const int64_t pos = P[b * T_ + t];
+        std::memcpy(slot(CK, R[b], h, pos), Kn + b * k.stride(0) + t * k.stride(1) + h * hd, hd * sizeof(T));
+        std::memcpy(slot(CV, R[b], h, pos), Vn + b * v.stride(0) + t * v.stride(1) + h * hd, hd * sizeof(T));
+      }
+  // 2. one work item per (row, head, query)
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * H * T_, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(hd), acc(hd), p(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (H * T_), h = i / T_ % H, t = i % T_;
+      const int64_t n = P[b * T_ + t] + 1, kvh = h / G;
+      const T* qrow = Q + b * q.stride(0) + t * q.stride(1) + h * hd;
+      for (int64_t d = 0; d < hd; ++d) qf[d] = static_cast<float>(qrow[d]);
+      const T* keys = slot(CK, R[b], kvh, 0);
+      const T* vals = slot(CV, R[b], kvh, 0);
+      float top = -INFINITY;
+      for (int64_t s = 0; s < n; ++s) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t d = 0; d < hd; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + d), load16(keys + s * hd + d), a);
+        const float x = round_to<T>(round_to<T>(_mm512_reduce_add_ps(a)) * sc);
+        p[s] = x;
+        top = x > top ? x : top;
+      }
+      float sum = 0.f;
+      for (int64_t s = 0; s < n; ++s) {
+        p[s] = std::exp(p[s] - top);
+        sum += p[s];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(acc.data() + d, _mm512_setzero_ps());
+      for (int64_t s = 0; s < n; ++s) {
+        const __m512 w = _mm512_set1_ps(round_to<T>(p[s] * inv));
+        for (int64_t d = 0; d < hd; d += 16)
+          _mm512_storeu_ps(acc.data() + d, _mm512_fmadd_ps(w, load16(vals + s * hd + d), _mm512_loadu_ps(acc.data() + d)));
+      }
+      T* orow = O + (b * T_ + t) * H * hd + h * hd;
+      for (int64_t d = 0; d < hd; ++d) orow[d] = static_cast<T>(acc[d]);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor cache_k,
+                            at::Tensor cache_v, const at::Tensor& rows, const at::Tensor& positions, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+              "decode_attention: q/k/v (B, T, heads * head_dim) with unit column stride");
+  TORCH_CHECK(cache_k.dim() == 4 && cache_k.is_contiguous() && cache_v.is_contiguous() &&
+              cache_k.sizes() == cache_v.sizes(), "decode_attention: cache buffers (Bc, KV, S, hd), contiguous");
+  const int64_t B = q.size(0), T_ = q.size(1), KV = cache_k.size(1), hd = cache_k.size(3);
+  TORCH_CHECK(hd % 16 == 0 && q.size(2) % (KV * hd) == 0 && k.size(2) == KV * hd && v.size(2) == KV * hd &&
+              k.size(0) == B && v.size(0) == B && k.size(1) == T_ && v.size(1) == T_,
+              "decode_attention: head_dim % 16 == 0 and q/k/v heads matching the cache");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == B &&
+              positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == B * T_,
+              "decode_attention: rows (B,) and positions (B, T) int64, contiguous");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && cache_k.scalar_type() == dt &&
+              cache_v.scalar_type() == dt, "decode_attention: q, k, v and the cache must share a dtype");
+  const int64_t* R = rows.data_ptr<int64_t>();
+  const int64_t* P = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(R[b] >= 0 && R[b] < cache_k.size(0), "decode_attention: cache row ", R[b], " out of range");
+    for (int64_t t = 0; t < T_; ++t)
+      TORCH_CHECK(P[b * T_ + t] >= 0 && P[b * T_ + t] < cache_k.size(2), "decode_attention: position ",
+                  P[b * T_ + t], " is outside the KV cache (max_len ", cache_k.size(2), ")");
+  }
+  at::Tensor out = at::empty({B, T_, q.size(2)}, q.options());
+  switch (dt) {
+    case at::kFloat: attend_impl<float>(q, k, v, cache_k, cache_v, rows, positions, scale, out); break;
+    case at::kBFloat16: attend_impl<c10::BFloat16>(q, k, v, cache_k, cache_v, rows, positions, scale, out); break;
+    case at::kHalf: attend_impl<c10::Half>(q, k, v, cache_k, cache_v, rows, positions, scale, out); break;
+    default: TORCH_CHECK(false, "decode_attention: float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pocketllama_quant, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor rows, "
+        "Tensor positions, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pocketllama_quant, CPU, m) { m.impl("decode_attention", &decode_attention); }
