@@ -36,6 +36,8 @@ def _fusable(modules: list[nn.Module]) -> bool:
         return True
     if not isinstance(first, (Int4Linear, Int8Linear)) or first.layout == "native":  # e.g. LoRA wrappers
         return False
+    if any(getattr(m, "activations", None) != getattr(first, "activations", None) for m in modules):
+        return False
     kinds = [{n: (t.dtype, t.shape[1:]) for n, t in _tensors(m).items()} for m in modules]
     return all(k == kinds[0] for k in kinds) and all(
         (getattr(m, "group_size", None), m.layout) == (getattr(first, "group_size", None), first.layout)
@@ -72,10 +74,12 @@ class FusedProjection:
         fused.out_features = sum(self.sizes)
         self.fused = fused
         self._ptrs = [[t.data_ptr() for t in _tensors(m).values()] for m in modules]
+        self._mode = getattr(modules[0], "activations", None)  # int4 modules' activation mode (set later too)
 
     def valid_for(self, modules: list[nn.Module]) -> bool:
         return all(cur is m for cur, m in zip(modules, self.modules, strict=True)) and all(
-            [t.data_ptr() for t in _tensors(m).values()] == ptrs for m, ptrs in zip(modules, self._ptrs, strict=True))
+            [t.data_ptr() for t in _tensors(m).values()] == ptrs for m, ptrs in zip(modules, self._ptrs, strict=True)
+        ) and all(getattr(m, "activations", None) == self._mode for m in modules)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.fused(x).split(self.sizes, dim=-1))

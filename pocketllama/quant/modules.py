@@ -138,7 +138,7 @@ class Int8Linear(_QuantModule):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"layout={self.layout}")
+                f"layout={self.layout}" + (f", activations={self.activations}" if self.activations else ""))
 
 
 class _Int4Module(_QuantModule):
@@ -148,6 +148,8 @@ class _Int4Module(_QuantModule):
 
     group_size: int
     _native_ok = True  # PyTorch's packed layout cannot look rows up, so tables keep canonical rows instead
+    # "int8": decode-sized inputs are quantized to int8 for the multiply (`set_int8_activations`); None: exact
+    activations: str | None = None
 
     def _state_layout(self):
         n, k, g = self.out_features, self.in_features, self.in_features // self.group_size
@@ -223,7 +225,8 @@ class Int4Linear(_Int4Module):
         if self.layout == "native" and x2.dtype == self.scales_and_zeros.dtype:
             y = kernels.int4_mm_native(x2, self.weight, self.scales_and_zeros, self.group_size)
         elif self.layout == "interleaved":
-            y = kernels.int4_mm(x2, self.weight, self.scales, self.zeros, interleaved=True)
+            y = kernels.int4_mm(x2, self.weight, self.scales, self.zeros, interleaved=True,
+                                int8_activations=self.activations == "int8")
         else:
             y = kernels.int4_mm(x2, *self.canonical())
         if self.bias is not None:
@@ -232,7 +235,7 @@ class Int4Linear(_Int4Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"layout={self.layout}")
+                f"layout={self.layout}" + (f", activations={self.activations}" if self.activations else ""))
 
 
 class Int8Embedding(_QuantModule):
@@ -333,11 +336,30 @@ class Int4Embedding(_Int4Module):
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., V) = h @ table.T."""
         y = kernels.int4_mm(h.reshape(-1, self.embedding_dim), self.weight, self.scales, self.zeros,
-                            interleaved=self.layout == "interleaved")  # (M, V)
+                            interleaved=self.layout == "interleaved",
+                            int8_activations=self.activations == "int8")  # (M, V)
         return y.view(*h.shape[:-1], self.num_embeddings)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, layout={self.layout}"
+
+
+def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every int4 module of `model` (linears, an int4 table's output projection) to int8 activations
+    for decode-sized inputs (`kernels.int4_mm`), or back to the exact weight-only product; returns how many
+    modules changed mode. A runtime choice, like the thread count: nothing in the weights changes."""
+    targets = [m for m in model.modules() if isinstance(m, _Int4Module)]
+    if enabled and not targets:
+        raise ValueError("int8 activations apply to int4 weights, and this model has none; load it with an int4 "
+                         "recipe (quantize='int4-g32') or from a Q4_0 / Q4_1 GGUF")
+    if enabled and not kernels.has_int8_activations():
+        raise ValueError("int8 activations need pocketllama's C++ kernels on a CPU with AVX-512 VNNI, which this "
+                         "machine or build lacks; load without int8_activations")
+    mode = "int8" if enabled else None
+    changed = sum(m.activations != mode for m in targets)
+    for m in targets:
+        m.activations = mode
+    return changed
 
 
 # The quantized token tables: `forward(ids)` looks rows up, `attend(h)` is the tied output projection.

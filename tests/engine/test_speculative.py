@@ -168,10 +168,17 @@ def test_lookup_finds_the_latest_longest_match():
         PromptLookupDrafter(max_ngram=1, min_ngram=2)
 
 
-def test_int4_self_draft_equals_target_alone(models):
+@pytest.mark.parametrize("activations", ["exact", "int8"])
+def test_int4_self_draft_equals_target_alone(models, activations):
+    from pocketllama.quant import kernels
     from pocketllama.quant.handler import quantize_model
+    from pocketllama.quant.modules import set_int8_activations
 
     draft = quantize_model(copy.deepcopy(models.target), "int4-g32")
+    if activations == "int8":  # what load(draft="self-int4") uses where the CPU has the kernel
+        if not kernels.has_int8_activations():
+            pytest.skip("needs the AVX-512 VNNI kernel")
+        set_int8_activations(draft)
     expected = plain(models.target, n=32)
     got, stats = speculative(models.target, ModelDrafter(draft, name="self-int4"), n=32, k=4)
     assert got == expected
