@@ -1,12 +1,13 @@
 """Quantized decode and memory: pocketllama bf16 / int8 / int4-g32 beside llama.cpp F16 / Q8_0 / Q4_0 of the same
-random Llama-3.2-shaped checkpoint, and beside the release table's memory figures (SPEC 8).
+random Llama-3.2-shaped checkpoint, and beside the release table's memory figures (SPEC 8). A variant ending in
+"+a8" loads with int8_activations=True (int4 x int8 decode, as llama.cpp computes Q4 blocks).
 
 Per variant, in a fresh process: resident weight bytes, peak RSS of load + generation, load time, decode
 tokens/s (64 greedy tokens after a 128-token prompt, no early stop), prefill tokens/s, and CPU milliseconds
 per decoded token (process CPU time: with --threads 1 a fair cost when the machine is shared; with more
 threads it includes the pool's spin-waiting).
 
-    python bench/quant.py [--shapes 1b,3b] [--variants bf16,int8,int4-g32,int4-g32-e4g128] [--threads 2] [--no-peers]
+    python bench/quant.py [--shapes 1b,3b] [--variants bf16,int8,int4-g32,int4-g32+a8,...] [--threads 2] [--no-peers]
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ kernels.extension()  # build / load the C++ kernels before timing anything
 base = rss_mb()
 reset_peak()
 t = time.perf_counter()
-llm = pocketllama.load(sys.argv[1], dtype="bfloat16", quantize=None if sys.argv[2] == "bf16" else sys.argv[2])
+recipe, a8 = sys.argv[2].removesuffix("+a8"), sys.argv[2].endswith("+a8")
+llm = pocketllama.load(sys.argv[1], dtype="bfloat16", quantize=None if recipe == "bf16" else recipe, int8_activations=a8)
 load_s = time.perf_counter() - t
 weights = sum(x.numel() * x.element_size() for x in (*llm.model.parameters(), *llm.model.buffers()))
 ids = torch.randint(100, 1000, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -103,7 +105,7 @@ def gguf_of(src: Path, qtype: str) -> Path | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="1b")
-    ap.add_argument("--variants", default="bf16,int8,int4-g32,int4-g32-e4g128")
+    ap.add_argument("--variants", default="bf16,int8,int4-g32,int4-g32+a8,int4-g32-e4g128,int4-g32-e4g128+a8")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--no-peers", action="store_true")
     args = ap.parse_args()
@@ -112,24 +114,28 @@ def main() -> None:
     peers = not args.no_peers and has_module("llama_cpp")
     if not args.no_peers and not peers:
         print("llama-cpp-python is not installed: the llama.cpp rows are skipped", file=sys.stderr)
-    rows = []
+    rows, peer_rows = [], {}  # a peer runs once per (shape, type), however many of our variants compare to it
     for shape in args.shapes.split(","):
         path = random_checkpoint(f"llama-3.2-{shape}", {"1b": LLAMA_32_1B, "3b": LLAMA_32_3B}[shape])
         for variant in args.variants.split(","):
             print(f"[{shape}] pocketllama {variant} ...", file=sys.stderr, flush=True)
             ours = run_json(consts + POCKETLLAMA, str(path), variant, args.threads)
+            base = variant.removesuffix("+a8")
             row = {"shape": shape, "engine": "pocketllama", "variant": variant, **ours,
-                   "release_gb": RELEASE_GB[shape].get(variant), "loadavg": round(os.getloadavg()[0], 1)}
+                   "release_gb": RELEASE_GB[shape].get(base), "loadavg": round(os.getloadavg()[0], 1)}
             rows.append(row)
-            if peers and variant in PEER_OF:
-                gguf = gguf_of(path, PEER_OF[variant])
+            peer = PEER_OF.get(base)
+            if peers and peer and (shape, peer) not in peer_rows:
+                gguf = gguf_of(path, peer)
                 if gguf is not None:
-                    print(f"[{shape}] llama.cpp {PEER_OF[variant]} ...", file=sys.stderr, flush=True)
+                    print(f"[{shape}] llama.cpp {peer} ...", file=sys.stderr, flush=True)
                     theirs = run_json(consts + LLAMA_CPP, str(gguf), variant, args.threads)
-                    rows.append({"shape": shape, "engine": "llama.cpp", "variant": PEER_OF[variant], **theirs,
-                                 "loadavg": round(os.getloadavg()[0], 1)})
-                    if "decode_tps" in ours and "decode_tps" in theirs:
-                        row["vs llama.cpp"] = ours["decode_tps"] / theirs["decode_tps"]
+                    peer_rows[shape, peer] = {"shape": shape, "engine": "llama.cpp", "variant": peer, **theirs,
+                                              "loadavg": round(os.getloadavg()[0], 1)}
+                    rows.append(peer_rows[shape, peer])
+            theirs = peer_rows.get((shape, peer), {})
+            if "decode_tps" in ours and "decode_tps" in theirs:
+                row["vs llama.cpp"] = ours["decode_tps"] / theirs["decode_tps"]
     cols = ["shape", "engine", "variant", "decode_tps", "vs llama.cpp", "cpu_ms_per_token", "prefill_tps",
             "weights_gb", "release_gb", "peak_rss_gb", "load_s", "loadavg", "error"]
     print(table(rows, cols))
