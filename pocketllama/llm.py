@@ -209,11 +209,11 @@ def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dty
     """
     start = time.perf_counter()
     model, checkpoint = load_model(source, dtype=dtype, device=device, progress=progress, quantize=quantize,
-                                   context=context)
+                                   context=context, int8_activations=int8_activations)
     if int8_activations:
         from .quant.modules import set_int8_activations
 
-        set_int8_activations(model)
+        set_int8_activations(model)  # already in the mode (no-op); refuses a model without int4 weights
     tokenizer = checkpoint.load_tokenizer()
     llm = LLM(model=model, tokenizer=tokenizer, config=model.config, source=checkpoint.path,
               generation_config=checkpoint.generation_config(),
@@ -229,8 +229,9 @@ def load(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dty
 
 def load_model(source: str | os.PathLike[str] | None = None, *, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", progress: bool | None = None, quantize: Any = None,
-               context: int | None = None) -> tuple[nn.Module, Any]:
-    """Only the model (no tokenizer): (model in eval mode, the opened Checkpoint). See `load`."""
+               context: int | None = None, int8_activations: bool = False) -> tuple[nn.Module, Any]:
+    """Only the model (no tokenizer): (model in eval mode, the opened Checkpoint). See `load`;
+    int8_activations here marks whatever int4 modules the load makes (none is not an error)."""
     from .models import config_from_hf, model_class
     from .quant.handler import prepare_load
     from .quant.memory import check_fits
@@ -251,6 +252,10 @@ def load_model(source: str | os.PathLike[str] | None = None, *, dtype: str | tor
     if torch.device(device).type == "cpu":
         check_fits(model, checkpoint, quantize=quantize, dtype=target, context=context)
     weights = prepare_load(model, checkpoint, quantize, target)  # swaps quantized modules in, before assigning
+    if int8_activations:  # before the weights arrive, so int4 linears store them in the layout of that mode
+        from .quant.modules import mark_int8_activations
+
+        mark_int8_activations(model)
     ignore = {"lm_head.weight"} if config.tie_word_embeddings else set()
     size = sum(_numel(weights.tensor_shape(n)) for n in weights.tensor_names())
     show = progress if progress is not None else size > 300_000_000

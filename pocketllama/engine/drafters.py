@@ -153,16 +153,6 @@ def _first_difference(a: Any, b: Any) -> str:
 SELF_PREFIX = "self-"
 
 
-def _fast_activations(model: torch.nn.Module) -> None:
-    """A draft only proposes tokens (the target verifies each one), so its int4 weights take the faster
-    int8-activation kernel where the CPU has one (quant.kernels.int4_mm)."""
-    from ..quant.kernels import has_int8_activations
-    from ..quant.modules import Int4Linear, set_int8_activations
-
-    if has_int8_activations() and any(isinstance(m, Int4Linear) for m in model.modules()):
-        set_int8_activations(model)
-
-
 def make_drafter(draft: Any, target: Any, *, device: str | torch.device = "cpu",
                  prompt_lookup_ngram: int = 3) -> Any:
     """A drafter for `target` (an LLM) from what `load(..., draft=...)` accepts:
@@ -183,9 +173,11 @@ def make_drafter(draft: Any, target: Any, *, device: str | torch.device = "cpu",
     if isinstance(draft, str) and draft.startswith(SELF_PREFIX):
         recipe = draft[len(SELF_PREFIX):]
         recipe = "int4-g32" if recipe == "int4" else recipe
-        model, _ = load_model(target.source, dtype=target.dtype, device=device, quantize=recipe)
+        # a draft only proposes tokens (the target verifies each one): its int4 weights take the faster
+        # int8-activation kernels where the CPU has them (quant.kernels.int4_mm)
+        model, _ = load_model(target.source, dtype=target.dtype, device=device, quantize=recipe,
+                              int8_activations=True)
         check_compatible(target.model, model, str(target.source), draft)
-        _fast_activations(model)
         return ModelDrafter(model, name=draft)
     if isinstance(draft, str | os.PathLike):
         name = str(draft)

@@ -197,7 +197,8 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, interle
             return extension().int8_gemv(x, weight, scales)
         if scales.shape[1] == 1 and has_native_int8() and x.dtype == scales.dtype:
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales.view(-1))
-    return _fallback(x, weight.shape[0], _row_dequantizer("int8", weight, scales, None, interleaved, x),
+    return _fallback(x, weight.shape[0], _row_dequantizer("int8", weight, scales, None,
+                                                          "interleaved" if interleaved else "canonical", x),
                      INTERLEAVE["int8"][0])
 
 
@@ -207,45 +208,94 @@ def int4_mm_native(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torc
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_and_zeros)
 
 
+# ---- the "groups" layout of int4 weights for int8 activations (csrc/int4_groups.cpp): per block of 4 rows,
+# 512-column super-chunks (4 rows, 4 steps, 16 groups, 4 bytes) then a tail of the K % 512 columns, so each
+# 32-bit lane of a load belongs to one group of 32 weights ----------------------------------------------
+GROUP_ROWS = 4
+
+
 def has_int8_activations() -> bool:
-    """The int8-activation x int4-weight GEMV (C++, AVX-512 VNNI) is available."""
+    """The int8-activation x int4-weight GEMVs (C++, AVX-512 VNNI) are available."""
     ext = extension()
-    return ext is not None and hasattr(ext, "int4_gemv_a8")
+    return ext is not None and hasattr(ext, "int4g_gemv_a8")
+
+
+def _group_views(out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (NB, S, R, t, g, b) main and (NB, R, t, gt, b) tail views of a groups-layout weight (N, K/2)."""
+    n, b = out.shape
+    full, tail = divmod(b, 256)
+    blk = out.view(n // GROUP_ROWS, GROUP_ROWS * b)
+    main = blk[:, :1024 * full].view(n // GROUP_ROWS, full, GROUP_ROWS, 4, 16, 4) if full else None
+    rest = blk[:, 1024 * full:].view(n // GROUP_ROWS, GROUP_ROWS, 4, tail // 16, 4) if tail else None
+    return main, rest
+
+
+def interleave_groups(weight: torch.Tensor) -> torch.Tensor:
+    """Canonical int4 (N, K/2) bytes -> the groups layout (same shape, new order); N % 4 == 0, K % 64 == 0."""
+    n, b = weight.shape
+    full = b // 256
+    out = empty_huge((n, b), weight.dtype)  # the kernels stream it: huge pages (weights/hugepages.py)
+    main, rest = _group_views(out)
+    w = weight.view(n // GROUP_ROWS, GROUP_ROWS, b)
+    if main is not None:  # canonical byte 256 S + 16 g + 4 t + b of row r -> (S, r, t, g, b)
+        main.copy_(w[:, :, :256 * full].reshape(n // GROUP_ROWS, GROUP_ROWS, full, 16, 4, 4).permute(0, 2, 1, 4, 3, 5))
+    if rest is not None:
+        rest.copy_(w[:, :, 256 * full:].reshape(n // GROUP_ROWS, GROUP_ROWS, -1, 4, 4).permute(0, 1, 3, 2, 4))
+    return out
+
+
+def deinterleave_groups(weight: torch.Tensor, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Canonical rows r0..r1 (multiples of 4) of a groups-layout weight."""
+    n, b = weight.shape
+    r1 = n if r1 is None else r1
+    main, rest = _group_views(weight)
+    parts = []
+    if main is not None:  # (nb, S, R, t, g, b) -> (nb, R, S, g, t, b)
+        parts.append(main[r0 // GROUP_ROWS: r1 // GROUP_ROWS].permute(0, 2, 1, 4, 3, 5).reshape(r1 - r0, -1))
+    if rest is not None:
+        parts.append(rest[r0 // GROUP_ROWS: r1 // GROUP_ROWS].permute(0, 1, 3, 2, 4).reshape(r1 - r0, -1))
+    return torch.cat(parts, dim=1)
 
 
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-            interleaved: bool = False, int8_activations: bool = False) -> torch.Tensor:
-    """x (M, K) @ dequant(int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N); canonical or interleaved.
+            layout: str = "canonical", int8_activations: bool = False) -> torch.Tensor:
+    """x (M, K) @ dequant(int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N); weight in the `layout`
+    "canonical", "interleaved" (the C++ kernels' row blocks) or "groups" (int8 activations only).
 
-    int8_activations: decode-sized x is quantized to int8 per 32 values (llama.cpp's Q8_0) and multiplied in
-    int8 x int4 (vpdpbusd; csrc/int4_a8.cpp): faster, with ~0.5% relative error on each output; larger
-    inputs (prefill) keep the exact weight-only path."""
-    if x.shape[0] <= SMALL_M and interleaved:
+    int8_activations (always for "groups"): decode-sized x is quantized to int8 per 32 values (llama.cpp's
+    Q8_0) and multiplied in int8 x int4 (vpdpbusd; csrc/int4_groups.cpp, int4_a8.cpp): faster, ~0.5% relative
+    error on each output. Larger inputs (prefill) keep the exact weight-only path."""
+    if x.shape[0] <= SMALL_M and layout != "canonical":
         ext = extension()
+        if layout == "groups":
+            return ext.int4g_gemv_a8(x, weight, scales, zeros)
         if int8_activations and hasattr(ext, "int4_gemv_a8"):
             return ext.int4_gemv_a8(x, weight, scales, zeros)
         return ext.int4_gemv(x, weight, scales, zeros)
-    return _fallback(x, weight.shape[0], _row_dequantizer("int4", weight, scales, zeros, interleaved, x),
+    return _fallback(x, weight.shape[0], _row_dequantizer("int4", weight, scales, zeros, layout, x),
                      INTERLEAVE["int4"][0])
 
 
 def _row_dequantizer(kind: str, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     interleaved: bool, x: torch.Tensor):
+                     layout: str, x: torch.Tensor):
     """(r0, r1) -> rows r0..r1 of the weight as x.dtype (canonical order): one C++ pass from the kernels'
-    interleaved layout (several times faster), else the torch ops."""
-    ext = extension() if interleaved else None
+    interleaved or groups layout (several times faster), else the torch ops."""
+    ext = extension() if layout != "canonical" else None
     if ext is not None:
         def dequant(r0: int, r1: int) -> torch.Tensor:
             out = torch.empty(r1 - r0, x.shape[1], dtype=x.dtype)
             if kind == "int8":
                 ext.int8_dequant(weight, scales, r0, r1, out)
+            elif layout == "groups":
+                ext.int4g_dequant(weight, scales, zeros, r0, r1, out)
             else:
                 ext.int4_dequant(weight, scales, zeros, r0, r1, out)
             return out
         return dequant
 
     def dequant(r0: int, r1: int) -> torch.Tensor:
-        w = deinterleave(weight, kind, r0, r1) if interleaved else weight[r0:r1]
+        w = (deinterleave_groups(weight, r0, r1) if layout == "groups" else
+             deinterleave(weight, kind, r0, r1) if layout == "interleaved" else weight[r0:r1])
         if kind == "int8":
             return _deq_int8(w, scales[r0:r1], x.dtype)
         return _deq_int4(w, scales[r0:r1], zeros[r0:r1], x.dtype)

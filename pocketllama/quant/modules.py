@@ -150,6 +150,7 @@ class _Int4Module(_QuantModule):
     _native_ok = True  # PyTorch's packed layout cannot look rows up, so tables keep canonical rows instead
     # "int8": decode-sized inputs are quantized to int8 for the multiply (`set_int8_activations`); None: exact
     activations: str | None = None
+    _groups_ok = True  # may take the int8-activation "groups" layout (tables keep rows they can look up)
 
     def _state_layout(self):
         n, k, g = self.out_features, self.in_features, self.in_features // self.group_size
@@ -160,6 +161,10 @@ class _Int4Module(_QuantModule):
         n, k, groups = self.out_features, self.in_features, scales.shape[1]
         if (cpu and kernels.extension() is not None and kernels.can_interleave("int4", n, k)
                 and (k // groups) % 32 == 0 and groups <= 1024):
+            if self.activations == "int8" and self._groups_ok and kernels.has_int8_activations():
+                self.layout = "groups"
+                self._store(weight=kernels.interleave_groups(weight), scales=scales, zeros=zeros.to(scales.dtype))
+                return
             self.layout = "interleaved"
             self._store(weight=kernels.interleave(weight, "int4"), scales=scales, zeros=zeros.to(scales.dtype))
         elif (cpu and self._native_ok and scales.dtype == torch.bfloat16 and kernels.extension() is None
@@ -177,6 +182,8 @@ class _Int4Module(_QuantModule):
             return self.weight, self.scales, self.zeros
         if self.layout == "interleaved":
             return kernels.deinterleave(self.weight, "int4"), self.scales, self.zeros
+        if self.layout == "groups":
+            return kernels.deinterleave_groups(self.weight), self.scales, self.zeros
         sz = self.scales_and_zeros  # (G, N, 2)
         weight = kernels.native_int4_unpack(self.weight, self.out_features, self.in_features)
         return weight, sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()
@@ -224,8 +231,8 @@ class Int4Linear(_Int4Module):
         x2 = x.reshape(-1, self.in_features)  # (B*T, K)
         if self.layout == "native" and x2.dtype == self.scales_and_zeros.dtype:
             y = kernels.int4_mm_native(x2, self.weight, self.scales_and_zeros, self.group_size)
-        elif self.layout == "interleaved":
-            y = kernels.int4_mm(x2, self.weight, self.scales, self.zeros, interleaved=True,
+        elif self.layout in ("interleaved", "groups"):
+            y = kernels.int4_mm(x2, self.weight, self.scales, self.zeros, layout=self.layout,
                                 int8_activations=self.activations == "int8")
         else:
             y = kernels.int4_mm(x2, *self.canonical())
@@ -297,6 +304,7 @@ class Int4Embedding(_Int4Module):
     table (tied output) through the int4 kernels (the C++ GEMV for decode rows)."""
 
     _native_ok = False
+    _groups_ok = False  # row lookups need the interleaved rows; `attend` uses the chunk int8-activation kernel
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -336,12 +344,22 @@ class Int4Embedding(_Int4Module):
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., V) = h @ table.T."""
         y = kernels.int4_mm(h.reshape(-1, self.embedding_dim), self.weight, self.scales, self.zeros,
-                            interleaved=self.layout == "interleaved",
-                            int8_activations=self.activations == "int8")  # (M, V)
+                            layout=self.layout, int8_activations=self.activations == "int8")  # (M, V)
         return y.view(*h.shape[:-1], self.num_embeddings)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, layout={self.layout}"
+
+
+def mark_int8_activations(model: nn.Module) -> int:
+    """Put the int4 modules of a model whose weights are not assigned yet (built on meta) in the int8-activation
+    mode, so each stores its weights in that mode's layout as they arrive; returns how many."""
+    if not kernels.has_int8_activations():
+        return 0
+    targets = [m for m in model.modules() if isinstance(m, _Int4Module)]
+    for m in targets:
+        m.activations = "int8"
+    return len(targets)
 
 
 def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
@@ -356,9 +374,15 @@ def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
         raise ValueError("int8 activations need pocketllama's C++ kernels on a CPU with AVX-512 VNNI, which this "
                          "machine or build lacks; load without int8_activations")
     mode = "int8" if enabled else None
-    changed = sum(m.activations != mode for m in targets)
+    changed = 0
     for m in targets:
+        if m.activations == mode:
+            continue
+        changed += 1
         m.activations = mode
+        if m.layout in ("interleaved", "groups") and m._groups_ok:  # linears re-lay their weights for the mode
+            weight, scales, zeros = m.canonical()
+            m._set(weight=weight, scales=scales, zeros=zeros)
     return changed
 
 

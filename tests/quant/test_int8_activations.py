@@ -32,15 +32,21 @@ def _exact(x, q, s, z, gs):
     return x.float() @ w.T
 
 
-@pytest.mark.parametrize("n,k,gs", [(64, 576, 32), (96, 1536, 64), (32, 2048, 128), (16, 512, 256)])
+def _pack(q: torch.Tensor, layout: str) -> torch.Tensor:
+    w = pack_int4(q)
+    return kernels.interleave_groups(w) if layout == "groups" else kernels.interleave(w, "int4")
+
+
+@pytest.mark.parametrize("n,k,gs", [(64, 576, 32), (96, 1536, 64), (32, 2048, 128), (16, 512, 256), (16, 960, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_computes_the_q8_activation_algorithm(n, k, gs, dtype):
+@pytest.mark.parametrize("layout", ["interleaved", "groups"])
+def test_kernels_compute_the_q8_activation_algorithm(n, k, gs, dtype, layout):
     g = torch.Generator().manual_seed(n + k)
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
     s = (torch.rand(n, k // gs, generator=g) * 0.02 + 1e-3).to(dtype)
     z = (torch.randn(n, k // gs, generator=g) * 0.01).to(dtype)
     x = torch.randn(3, k, generator=g).to(dtype)
-    y = kernels.int4_mm(x, kernels.interleave(pack_int4(q), "int4"), s, z, interleaved=True, int8_activations=True)
+    y = kernels.int4_mm(x, _pack(q, layout), s, z, layout=layout, int8_activations=True)
     assert y.shape == (3, n) and y.dtype == dtype
     want = _algorithm(x, q, s, z, gs)
     scale = want.abs().max()
@@ -49,16 +55,31 @@ def test_kernel_computes_the_q8_activation_algorithm(n, k, gs, dtype):
     assert (y.float() - _exact(x, q, s, z, gs)).abs().max() <= 0.02 * scale  # what the quantized x costs
 
 
-def test_each_row_is_computed_as_if_alone():
+@pytest.mark.parametrize("layout", ["interleaved", "groups"])
+def test_each_row_is_computed_as_if_alone(layout):
     """Verification batches (speculative decoding) must see exactly what one-row decode computes."""
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (64, 1024), dtype=torch.uint8, generator=g)
-    w = kernels.interleave(pack_int4(q), "int4")
+    w = _pack(q, layout)
     s, z = torch.rand(64, 32, generator=g).bfloat16() * 0.01, torch.randn(64, 32, generator=g).bfloat16() * 0.01
     x = torch.randn(5, 1024, generator=g).bfloat16()
-    batch = kernels.int4_mm(x, w, s, z, interleaved=True, int8_activations=True)
+    batch = kernels.int4_mm(x, w, s, z, layout=layout, int8_activations=True)
     for i in range(5):
-        assert torch.equal(kernels.int4_mm(x[i:i + 1], w, s, z, interleaved=True, int8_activations=True)[0], batch[i])
+        assert torch.equal(kernels.int4_mm(x[i:i + 1], w, s, z, layout=layout, int8_activations=True)[0], batch[i])
+
+
+@pytest.mark.parametrize("k", [512, 576, 960, 2048])
+def test_groups_layout_round_trips_and_prefill_dequantizes_exactly(k):
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(0, 16, (16, k), dtype=torch.uint8, generator=g)
+    w = pack_int4(q)
+    grouped = kernels.interleave_groups(w)
+    assert not torch.equal(grouped, w)
+    assert torch.equal(kernels.deinterleave_groups(grouped), w)
+    assert torch.equal(kernels.deinterleave_groups(grouped, 4, 12), w[4:12])
+    s, z = torch.rand(16, k // 32, generator=g).bfloat16(), torch.randn(16, k // 32, generator=g).bfloat16()
+    x = torch.randn(20, k, generator=g).bfloat16()  # prefill-sized: the exact weight-only path
+    assert torch.equal(kernels.int4_mm(x, grouped, s, z, layout="groups"), kernels.int4_mm(x, w, s, z))
 
 
 def _model() -> nn.Sequential:
@@ -71,13 +92,15 @@ def test_switch_changes_decode_rows_only_and_switches_back():
     x1, prefill = torch.randn(1, 256), torch.randn(20, 256)
     with torch.inference_mode():
         exact1, exact_prefill = model(x1), model(prefill)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
         assert set_int8_activations(model) == 1  # the one int4 module
-        assert "activations=int8" in repr(model[0])
+        assert "activations=int8" in repr(model[0]) and model[0].layout == "groups"
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # checkpoint layout unchanged
         fast1 = model(x1)
         assert not torch.equal(fast1, exact1)
         torch.testing.assert_close(fast1, exact1, rtol=0.05, atol=0.02 * exact1.abs().max().item())
         assert torch.equal(model(prefill), exact_prefill)  # prefill keeps the exact path
-        assert set_int8_activations(model, False) == 1
+        assert set_int8_activations(model, False) == 1 and model[0].layout == "interleaved"
         assert torch.equal(model(x1), exact1)
 
 
@@ -125,3 +148,17 @@ def test_load_switches_a_real_int4_model_which_still_answers():
     assert "Paris" in answer["content"]
     with pytest.raises(ValueError, match="int8 activations apply to int4 weights"):
         pocketllama.load(smollm2_gguf_path(), quantize=False, int8_activations=True)
+
+
+def test_load_model_stores_int4_linears_in_the_groups_layout_directly(tiny_llama_dir):
+    from pocketllama.llm import load_model
+
+    path, _ = tiny_llama_dir
+    exact, _ = load_model(path, quantize="int4-g32")
+    fast, _ = load_model(path, quantize="int4-g32", int8_activations=True)
+    layouts = {m.layout for m in fast.modules() if isinstance(m, Int4Linear) and m.in_features % 64 == 0}
+    assert layouts == {"groups"}
+    assert all(torch.equal(v, exact.state_dict()[k]) for k, v in fast.state_dict().items())  # same weights
+    ids = torch.tensor([[1, 5, 9, 30, 7, 2]])
+    with torch.inference_mode():  # prefill rows: the exact path in both layouts
+        assert torch.equal(fast(ids), exact(ids))

@@ -1,0 +1,233 @@
+// pocketllama int4 weights in the "groups" layout, for int8 activations (AVX-512 VNNI): each 32-bit lane of a
+// vector holds one group of 32 weights across four loads, so a lane's int32 dot product covers a whole group and
+// is scaled once (one cvt / mul / fma per 16 groups), where the chunk layout (int4_a8.cpp) scales every load.
+// Layout (kernels.py `interleave_groups`), per block of 4 rows: 512-column super-chunks
+//   (K/512, 4 rows, 4 steps, 16 groups, 4 bytes): byte b of group g at step t = canonical byte 16 g + 4 t + b
+// then, when K % 512 != 0, a tail (4 rows, 4 steps, gt groups, 4 bytes) with gt = (K % 512) / 32.
+// A canonical byte holds columns 2j (low nibble) and 2j + 1; w = (q - 8) * s + z per group of `gs` values.
+// x is quantized per 32 values to int8 (llama.cpp's Q8_0); per group (lane):
+//   s * dx * sum (q - 8) xq + z * sum x       (the -8 folded into the int32 start; exact fp32 sums of x)
+// Each output row's arithmetic does not depend on M (verification batches compute what decode does).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+#ifdef __AVX512VNNI__
+constexpr int ROWS = 4;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 mload16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 mload16(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __m512 mload16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
+// One row of x -> per 512-column super-chunk and step t: xe / xo (64 bytes each: lane g = the 4 even / odd
+// activations its weight bytes pair with), and per 32-value block: dx, -8 * sum xq (int32), sum x.
+template <typename T>
+void quantize_row(const T* x, int64_t K, int8_t* xe, int8_t* xo, float* dx, int32_t* neg8, float* xs) {
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const int64_t blocks = K / 32, padded = (blocks + 15) / 16 * 16;
+  std::memset(xe, 0, padded * 16);
+  std::memset(xo, 0, padded * 16);
+  for (int64_t g = blocks; g < padded; ++g) dx[g] = 0.f, neg8[g] = 0, xs[g] = 0.f;
+  for (int64_t g = 0; g < blocks; ++g) {
+    const __m512 a = load16(x + 32 * g), b = load16(x + 32 * g + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    xs[g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    dx[g] = amax / 127.f;
+    const __m512 iv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i e = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, even, b), iv));
+    const __m512i o = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_permutex2var_ps(a, odd, b), iv));
+    neg8[g] = -8 * (_mm512_reduce_add_epi32(e) + _mm512_reduce_add_epi32(o));
+    alignas(16) int32_t e4[4], o4[4];  // byte j = 4 t + b of the group's even / odd activations
+    _mm_store_si128(reinterpret_cast<__m128i*>(e4), _mm512_cvtsepi32_epi8(e));
+    _mm_store_si128(reinterpret_cast<__m128i*>(o4), _mm512_cvtsepi32_epi8(o));
+    const int64_t sc = g / 16, lane = g % 16;
+    for (int t = 0; t < 4; ++t) {
+      std::memcpy(xe + (sc * 4 + t) * 64 + lane * 4, &e4[t], 4);
+      std::memcpy(xo + (sc * 4 + t) * 64 + lane * 4, &o4[t], 4);
+    }
+  }
+}
+
+// y[0..3] of one block of 4 rows. ex: lane -> group index within a 16-lane load of scales (l / (gs / 32)).
+template <typename S>
+inline void block(const int8_t* xe, const int8_t* xo, const float* dx, const int32_t* neg8, const float* xs,
+                  const uint8_t* wb, const S* s, const S* z, float* y, int64_t K, int64_t G, int64_t per,
+                  __m512i ex) {
+  const int64_t full = K / 512, subgroups = K / 32;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 tot[ROWS];
+  for (int r = 0; r < ROWS; ++r) tot[r] = _mm512_setzero_ps();
+  for (int64_t sc = 0; sc * 16 < subgroups; ++sc) {
+    const int64_t gt = std::min<int64_t>(16, subgroups - sc * 16);  // groups in this super-chunk
+    const __mmask16 lanes = first(gt);
+    const __mmask64 bytes = gt == 16 ? ~0ULL : (1ULL << (4 * gt)) - 1;
+    const uint8_t* base = wb + sc * 1024;  // full super-chunks are 1 KB per block; the tail follows them
+    const int64_t step = 4 * gt;           // bytes per (row, step)
+    __m512i ev[4], ov[4];
+    for (int t = 0; t < 4; ++t) {
+      ev[t] = _mm512_loadu_si512(xe + (sc * 4 + t) * 64);
+      ov[t] = _mm512_loadu_si512(xo + (sc * 4 + t) * 64);
+    }
+    const __m512 dv = _mm512_loadu_ps(dx + sc * 16), xv = _mm512_loadu_ps(xs + sc * 16);
+    const __m512i start = _mm512_loadu_si512(neg8 + sc * 16);
+    const int64_t g0 = sc * 16 / per, ng = std::min<int64_t>((gt + per - 1) / per, G - g0);
+    for (int r = 0; r < ROWS; ++r) {
+      const uint8_t* wr = base + r * 4 * step;
+      __m512i acc = start;
+      for (int t = 0; t < 4; ++t) {
+        const __m512i w = _mm512_maskz_loadu_epi8(bytes, wr + t * step);
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(w, low), ev[t]);
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 4), low), ov[t]);
+      }
+      __m512 sv = mload16(s + r * G + g0, first(ng)), zv = mload16(z + r * G + g0, first(ng));
+      if (per > 1) sv = _mm512_permutexvar_ps(ex, sv), zv = _mm512_permutexvar_ps(ex, zv);
+      tot[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), dv), sv, tot[r]);
+      tot[r] = _mm512_mask3_fmadd_ps(zv, xv, tot[r], lanes);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) y[r] = _mm512_reduce_add_ps(tot[r]);
+}
+
+template <typename S>
+void gemv_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = s.size(0), G = s.size(1), per = K / G / 32;
+  const int64_t padded = (K / 32 + 15) / 16 * 16;  // blocks, rounded up to whole super-chunks
+  std::vector<int8_t> xe(M * padded * 16), xo(M * padded * 16);
+  std::vector<float> dx(M * padded), xs(M * padded);
+  std::vector<int32_t> neg8(M * padded);
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row(x.data_ptr<float>() + m * K, K, xe.data() + m * padded * 16, xo.data() + m * padded * 16,
+                 dx.data() + m * padded, neg8.data() + m * padded, xs.data() + m * padded);
+  alignas(64) int32_t lanes[16];
+  for (int l = 0; l < 16; ++l) lanes[l] = static_cast<int32_t>(l / per);
+  const __m512i ex = _mm512_load_si512(lanes);
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const S* Sc = reinterpret_cast<const S*>(s.data_ptr());
+  const S* Z = reinterpret_cast<const S*>(z.data_ptr());
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, N / ROWS, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * ROWS;
+      for (int64_t m = 0; m < M; ++m)
+        block<S>(xe.data() + m * padded * 16, xo.data() + m * padded * 16, dx.data() + m * padded,
+                 neg8.data() + m * padded, xs.data() + m * padded, W + n * K / 2, Sc + n * G, Z + n * G,
+                 Y + m * N + n, K, G, per, ex);
+    }
+  });
+}
+
+void check(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t K, const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && s.device().is_cpu() && z.device().is_cpu(), what, " runs on CPU");
+  TORCH_CHECK(s.dim() == 2 && w.is_contiguous() && s.is_contiguous() && z.is_contiguous() && z.sizes() == s.sizes() &&
+              z.scalar_type() == s.scalar_type(), what, ": contiguous weight, scales and zeros (N, G)");
+  const int64_t N = s.size(0), G = s.size(1);
+  TORCH_CHECK(N % ROWS == 0 && K % 64 == 0 && K % G == 0 && (K / G) % 32 == 0 && K / G <= 512, what,
+              ": needs N % 4 == 0, K % 64 == 0 and groups of 32..512 values, got N=", N, " K=", K, " G=", G);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.numel() * 2 == N * K, what, ": weight must be uint8 N*K/2");
+}
+
+at::Tensor int4g_gemv_a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& z) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "int4g_gemv_a8: x (M, K) on CPU");
+  check(w, s, z, x.size(1), "int4g_gemv_a8");
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({x.size(0), s.size(0)}, xf.options());
+  switch (s.scalar_type()) {
+    case at::kFloat: gemv_impl<float>(xf, w, s, z, y); break;
+    case at::kBFloat16: gemv_impl<c10::BFloat16>(xf, w, s, z, y); break;
+    case at::kHalf: gemv_impl<c10::Half>(xf, w, s, z, y); break;
+    default: TORCH_CHECK(false, "int4g_gemv_a8: scales must be float32, bfloat16 or float16");
+  }
+  return y.to(x.scalar_type());
+}
+
+// ---- prefill: rows r0..r1 of the weight as floats (canonical order), w = fma(q - 8, s, z) rounded once:
+// bit-identical to the torch path's addcmul.
+template <typename S, typename T>
+void dequant_impl(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t r0, int64_t r1,
+                  at::Tensor& out) {
+  const int64_t N = s.size(0), G = s.size(1), K = w.numel() * 2 / N, gs = K / G, subgroups = K / 32;
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const S* Sc = reinterpret_cast<const S*>(s.data_ptr());
+  const S* Z = reinterpret_cast<const S*>(z.data_ptr());
+  T* O = reinterpret_cast<T*>(out.data_ptr());
+  at::parallel_for(r0 / ROWS, r1 / ROWS, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t sc = 0; sc * 16 < subgroups; ++sc) {
+        const int64_t gt = std::min<int64_t>(16, subgroups - sc * 16), step = 4 * gt;
+        const uint8_t* base = W + b * ROWS * K / 2 + sc * 1024;
+        for (int r = 0; r < ROWS; ++r) {
+          const int64_t n = b * ROWS + r;
+          T* row = O + (n - r0) * K;
+          for (int t = 0; t < 4; ++t)
+            for (int64_t g = 0; g < gt; ++g) {
+              const uint8_t* p = base + r * 4 * step + t * step + g * 4;
+              const int64_t col = sc * 512 + g * 32 + 8 * t, grp = col / gs;
+              const float sv = static_cast<float>(Sc[n * G + grp]), zv = static_cast<float>(Z[n * G + grp]);
+              for (int i = 0; i < 4; ++i) {
+                row[col + 2 * i] = static_cast<T>(std::fma(static_cast<float>((p[i] & 15) - 8), sv, zv));
+                row[col + 2 * i + 1] = static_cast<T>(std::fma(static_cast<float>((p[i] >> 4) - 8), sv, zv));
+              }
+            }
+        }
+      }
+  });
+}
+
+void int4g_dequant(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t r0, int64_t r1,
+                   at::Tensor out) {
+  const int64_t N = s.size(0);
+  TORCH_CHECK(N > 0 && w.numel() * 2 % N == 0, "int4g_dequant: weight and scales disagree");
+  const int64_t K = w.numel() * 2 / N;
+  check(w, s, z, K, "int4g_dequant");
+  TORCH_CHECK(r0 % ROWS == 0 && r1 % ROWS == 0 && 0 <= r0 && r0 <= r1 && r1 <= N, "int4g_dequant: rows must be "
+              "multiples of 4 within the weight");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == r1 - r0 && out.size(1) == K,
+              "int4g_dequant: out must be contiguous (r1 - r0, K)");
+#define PL_DQ(S_)                                                                          \
+  switch (out.scalar_type()) {                                                             \
+    case at::kFloat: dequant_impl<S_, float>(w, s, z, r0, r1, out); break;                 \
+    case at::kBFloat16: dequant_impl<S_, c10::BFloat16>(w, s, z, r0, r1, out); break;      \
+    case at::kHalf: dequant_impl<S_, c10::Half>(w, s, z, r0, r1, out); break;              \
+    default: TORCH_CHECK(false, "int4g_dequant: out must be float32, bfloat16 or float16"); \
+  }
+  switch (s.scalar_type()) {
+    case at::kFloat: PL_DQ(float); break;
+    case at::kBFloat16: PL_DQ(c10::BFloat16); break;
+    case at::kHalf: PL_DQ(c10::Half); break;
+    default: TORCH_CHECK(false, "int4g_dequant: scales must be float32, bfloat16 or float16");
+  }
+#undef PL_DQ
+}
+#endif
+
+}  // namespace
+
+#ifdef __AVX512VNNI__
+TORCH_LIBRARY_FRAGMENT(pocketllama_quant, m) {
+  m.def("int4g_gemv_a8(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
+  m.def("int4g_dequant(Tensor w, Tensor scales, Tensor zeros, int r0, int r1, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pocketllama_quant, CPU, m) {
+  m.impl("int4g_gemv_a8", &int4g_gemv_a8);
+  m.impl("int4g_dequant", &int4g_dequant);
+}
+#endif
