@@ -106,32 +106,50 @@ inline void block(const int8_t* xe, const int8_t* xo, const float* dx, const int
   for (int r = 0; r < ROWS; ++r) y[r] = _mm512_reduce_add_ps(tot[r]);
 }
 
-template <typename S>
+template <typename T, typename S>
 void gemv_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = s.size(0), G = s.size(1), per = K / G / 32;
   const int64_t padded = (K / 32 + 15) / 16 * 16;  // blocks, rounded up to whole super-chunks
-  std::vector<int8_t> xe(M * padded * 16), xo(M * padded * 16);
-  std::vector<float> dx(M * padded), xs(M * padded);
-  std::vector<int32_t> neg8(M * padded);
+  // scratch reused across calls (a small model makes ~100 calls per token)
+  thread_local std::vector<int8_t> xe, xo;
+  thread_local std::vector<float> dx, xs;
+  thread_local std::vector<int32_t> neg8;
+  xe.resize(M * padded * 16), xo.resize(M * padded * 16), dx.resize(M * padded), xs.resize(M * padded);
+  neg8.resize(M * padded);
   for (int64_t m = 0; m < M; ++m)
-    quantize_row(x.data_ptr<float>() + m * K, K, xe.data() + m * padded * 16, xo.data() + m * padded * 16,
-                 dx.data() + m * padded, neg8.data() + m * padded, xs.data() + m * padded);
+    quantize_row(reinterpret_cast<const T*>(x.data_ptr()) + m * K, K, xe.data() + m * padded * 16,
+                 xo.data() + m * padded * 16, dx.data() + m * padded, neg8.data() + m * padded, xs.data() + m * padded);
   alignas(64) int32_t lanes[16];
   for (int l = 0; l < 16; ++l) lanes[l] = static_cast<int32_t>(l / per);
   const __m512i ex = _mm512_load_si512(lanes);
   const uint8_t* W = w.data_ptr<uint8_t>();
   const S* Sc = reinterpret_cast<const S*>(s.data_ptr());
   const S* Z = reinterpret_cast<const S*>(z.data_ptr());
-  float* Y = y.data_ptr<float>();
+  T* Y = reinterpret_cast<T*>(y.data_ptr());
+  const int8_t *XE = xe.data(), *XO = xo.data();
+  const float *DX = dx.data(), *XS = xs.data();
+  const int32_t* NEG8 = neg8.data();
   at::parallel_for(0, N / ROWS, 16, [&](int64_t b0, int64_t b1) {
+    float out[ROWS];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * ROWS;
-      for (int64_t m = 0; m < M; ++m)
-        block<S>(xe.data() + m * padded * 16, xo.data() + m * padded * 16, dx.data() + m * padded,
-                 neg8.data() + m * padded, xs.data() + m * padded, W + n * K / 2, Sc + n * G, Z + n * G,
-                 Y + m * N + n, K, G, per, ex);
+      for (int64_t m = 0; m < M; ++m) {
+        block<S>(XE + m * padded * 16, XO + m * padded * 16, DX + m * padded, NEG8 + m * padded, XS + m * padded,
+                 W + n * K / 2, Sc + n * G, Z + n * G, out, K, G, per, ex);
+        for (int r = 0; r < ROWS; ++r) Y[m * N + n + r] = static_cast<T>(out[r]);
+      }
     }
   });
+}
+
+template <typename T>
+void gemv_scales(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, at::Tensor& y) {
+  switch (s.scalar_type()) {
+    case at::kFloat: gemv_impl<T, float>(x, w, s, z, y); break;
+    case at::kBFloat16: gemv_impl<T, c10::BFloat16>(x, w, s, z, y); break;
+    case at::kHalf: gemv_impl<T, c10::Half>(x, w, s, z, y); break;
+    default: TORCH_CHECK(false, "int4g_gemv_a8: scales must be float32, bfloat16 or float16");
+  }
 }
 
 void check(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t K, const char* what) {
@@ -147,15 +165,15 @@ void check(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_
 at::Tensor int4g_gemv_a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& z) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "int4g_gemv_a8: x (M, K) on CPU");
   check(w, s, z, x.size(1), "int4g_gemv_a8");
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({x.size(0), s.size(0)}, xf.options());
-  switch (s.scalar_type()) {
-    case at::kFloat: gemv_impl<float>(xf, w, s, z, y); break;
-    case at::kBFloat16: gemv_impl<c10::BFloat16>(xf, w, s, z, y); break;
-    case at::kHalf: gemv_impl<c10::Half>(xf, w, s, z, y); break;
-    default: TORCH_CHECK(false, "int4g_gemv_a8: scales must be float32, bfloat16 or float16");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({x.size(0), s.size(0)}, xc.options());
+  switch (x.scalar_type()) {
+    case at::kFloat: gemv_scales<float>(xc, w, s, z, y); break;
+    case at::kBFloat16: gemv_scales<c10::BFloat16>(xc, w, s, z, y); break;
+    case at::kHalf: gemv_scales<c10::Half>(xc, w, s, z, y); break;
+    default: TORCH_CHECK(false, "int4g_gemv_a8: x must be float32, bfloat16 or float16");
   }
-  return y.to(x.scalar_type());
+  return y;
 }
 
 // ---- prefill: rows r0..r1 of the weight as floats (canonical order), w = fma(q - 8, s, z) rounded once:
