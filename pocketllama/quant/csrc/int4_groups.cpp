@@ -177,33 +177,68 @@ at::Tensor int4g_gemv_a8(const at::Tensor& x, const at::Tensor& w, const at::Ten
 }
 
 // ---- prefill: rows r0..r1 of the weight as floats (canonical order), w = fma(q - 8, s, z) rounded once:
-// bit-identical to the torch path's addcmul.
+// bit-identical to the torch path's addcmul. Per 16 weight bytes (4 groups x 4 bytes of one step), the nibbles
+// become two vectors of 2 groups x 8 consecutive columns each.
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+#ifdef __AVX512BF16__
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), (__m128i)_mm256_cvtneps_pbh(v));
+#else
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<c10::BFloat16>(f[i]);
+#endif
+}
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 template <typename S, typename T>
 void dequant_impl(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t r0, int64_t r1,
                   at::Tensor& out) {
-  const int64_t N = s.size(0), G = s.size(1), K = w.numel() * 2 / N, gs = K / G, subgroups = K / 32;
+  const int64_t N = s.size(0), G = s.size(1), K = w.numel() * 2 / N, per = K / G / 32, subgroups = K / 32;
   const uint8_t* W = w.data_ptr<uint8_t>();
   const S* Sc = reinterpret_cast<const S*>(s.data_ptr());
   const S* Z = reinterpret_cast<const S*>(z.data_ptr());
   T* O = reinterpret_cast<T*>(out.data_ptr());
+  alignas(64) int32_t lanes[16];
+  for (int l = 0; l < 16; ++l) lanes[l] = static_cast<int32_t>(l / per);
+  const __m512i ex = _mm512_load_si512(lanes);
+  __m512i pair[8];  // lanes 0-7: group 2j, 8-15: group 2j + 1 (of a super-chunk's 16)
+  for (int j = 0; j < 8; ++j) pair[j] = _mm512_set_epi32(2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1,
+      2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j);
+  const __m512i lo_hi_a = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i lo_hi_b = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const __m512i nib = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
   at::parallel_for(r0 / ROWS, r1 / ROWS, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t sc = 0; sc * 16 < subgroups; ++sc) {
         const int64_t gt = std::min<int64_t>(16, subgroups - sc * 16), step = 4 * gt;
+        const int64_t g0 = sc * 16 / per, ng = std::min<int64_t>((gt + per - 1) / per, G - g0);
         const uint8_t* base = W + b * ROWS * K / 2 + sc * 1024;
         for (int r = 0; r < ROWS; ++r) {
           const int64_t n = b * ROWS + r;
-          T* row = O + (n - r0) * K;
-          for (int t = 0; t < 4; ++t)
-            for (int64_t g = 0; g < gt; ++g) {
-              const uint8_t* p = base + r * 4 * step + t * step + g * 4;
-              const int64_t col = sc * 512 + g * 32 + 8 * t, grp = col / gs;
-              const float sv = static_cast<float>(Sc[n * G + grp]), zv = static_cast<float>(Z[n * G + grp]);
-              for (int i = 0; i < 4; ++i) {
-                row[col + 2 * i] = static_cast<T>(std::fma(static_cast<float>((p[i] & 15) - 8), sv, zv));
-                row[col + 2 * i + 1] = static_cast<T>(std::fma(static_cast<float>((p[i] >> 4) - 8), sv, zv));
+          __m512 sv = mload16(Sc + n * G + g0, first(ng)), zv = mload16(Z + n * G + g0, first(ng));
+          if (per > 1) sv = _mm512_permutexvar_ps(ex, sv), zv = _mm512_permutexvar_ps(ex, zv);
+          T* row = O + (n - r0) * K + sc * 512;
+          for (int t = 0; t < 4; ++t) {
+            const uint8_t* p = base + r * 4 * step + t * step;
+            for (int64_t q4 = 0; 4 * q4 < gt; ++q4) {  // 4 groups (16 bytes) at a time
+              const int64_t left = gt - 4 * q4;         // groups present in this quarter (tail: maybe < 4)
+              const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
+                  left >= 4 ? 0xFFFF : static_cast<__mmask16>((1u << (4 * left)) - 1), p + 16 * q4));
+              const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(v, nib), eight);
+              const __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight);
+              for (int h = 0; h < 2 && 2 * h < left; ++h) {
+                const int64_t g = 4 * q4 + 2 * h;  // groups g and g + 1
+                const __m512 q = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, h ? lo_hi_b : lo_hi_a, hi));
+                const __m512 val = _mm512_fmadd_ps(q, _mm512_permutexvar_ps(pair[g / 2], sv),
+                                                   _mm512_permutexvar_ps(pair[g / 2], zv));
+                store8(row + 32 * g + 8 * t, _mm512_castps512_ps256(val));
+                if (g + 1 < gt) store8(row + 32 * (g + 1) + 8 * t, _mm512_extractf32x8_ps(val, 1));
               }
             }
+          }
         }
       }
   });
