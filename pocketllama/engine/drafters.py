@@ -29,8 +29,12 @@ class ModelDrafter:
     # dequantize-then-GEMM path that costs seconds per call on CPU, whatever the row count.
     SMALL_CHUNK, SMALL_CATCHUP = 8, 48
 
-    def __init__(self, model: nn.Module, name: str = "draft", prefill_step_size: int = 512) -> None:
+    def __init__(self, model: nn.Module, name: str = "draft", prefill_step_size: int = 512,
+                 shares_kv: bool = False) -> None:
         self.model, self.name, self.chunk = model, name, prefill_step_size
+        # A self-draft (the target's own checkpoint, quantized) has the target's architecture, so it can take
+        # the target's keys/values of committed ids instead of computing its own (`adopt`).
+        self.shares_kv = shares_kv
         self.session = SessionCache(model)
         self.context = int(model.config.max_position_embeddings)
         self.catchup = 0
@@ -75,6 +79,24 @@ class ModelDrafter:
     def settle(self, intact: int) -> None:
         self.processors.settle(self.fork, intact)
         self.fork = None
+
+    def adopt(self, cache: Any, seq: list[int]) -> bool:
+        """Copy the target's K/V (`cache`, batch row 0, holding every id of `seq` but the last) for the ids
+        this draft has not fed yet, so `propose` feeds only the last one: no prompt prefill or catch-up through
+        the draft. The draft then conditions on the target's exact past, which can only raise acceptance; the
+        target still verifies every token. False (nothing done) when the caches do not match."""
+        own = self.session.reserve(1)
+        n = len(seq) - 1
+        c = common_prefix(self.session.tokens, seq[:n])
+        if n <= c:
+            return True
+        if (len(own.keys) != len(cache.keys) or cache.batch_size != 1 or own.keys[0].shape[1:] != cache.keys[0].shape[1:]
+                or own.keys[0].dtype != cache.keys[0].dtype or n > min(own.max_len, cache.max_len)):
+            return False
+        for dst, src in zip((*own.keys, *own.values), (*cache.keys, *cache.values), strict=True):
+            dst[0, :, c:n] = src[0, :, c:n]
+        self.session.tokens = list(seq[:n])
+        return True
 
 
 class PromptLookupDrafter:
@@ -178,7 +200,7 @@ def make_drafter(draft: Any, target: Any, *, device: str | torch.device = "cpu",
         model, _ = load_model(target.source, dtype=target.dtype, device=device, quantize=recipe,
                               int8_activations=True)
         check_compatible(target.model, model, str(target.source), draft)
-        return ModelDrafter(model, name=draft)
+        return ModelDrafter(model, name=draft, shares_kv=True)
     if isinstance(draft, str | os.PathLike):
         name = str(draft)
         draft = load(draft, dtype=target.dtype, device=device)

@@ -351,6 +351,8 @@ class _Run:
         q = None
         tic = time.perf_counter()
         if k > 0:
+            if getattr(self.drafter, "shares_kv", False):  # a self-draft takes the target's K/V (drafters.py)
+                self.drafter.adopt(self.cache, seq)
             drafted, q = self.drafter.propose(seq, k, self.dist, gen, g)
         if not drafted:
             return [self._plain(seq, gen, g)]

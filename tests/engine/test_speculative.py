@@ -185,6 +185,29 @@ def test_int4_self_draft_equals_target_alone(models, activations):
     assert stats.accepted / stats.drafted > 0.5
 
 
+def test_self_draft_takes_the_target_kv_instead_of_prefilling(models):
+    """A self-draft adopts the target's K/V of committed ids: the draft model only ever sees one row at a time
+    (no prompt prefill, no catch-up), and the output is still the target's own."""
+    from pocketllama.quant.handler import quantize_model
+
+    draft = quantize_model(copy.deepcopy(models.target), "int4-g32")
+    rows = []
+    draft.register_forward_pre_hook(lambda mod, args, kwargs: rows.append(args[0].shape[1]), with_kwargs=True)
+    drafter = ModelDrafter(draft, name="self-int4", shares_kv=True)
+    got, stats = speculative(models.target, drafter, n=32, k=4)
+    assert got == plain(models.target, n=32)
+    assert rows and max(rows) == 1 and stats.drafted > 0
+    assert drafter.session.tokens[: len(PROMPT)] == PROMPT
+
+
+def test_adopt_refuses_a_cache_of_another_shape(models):
+    drafter = ModelDrafter(models.near, shares_kv=True)
+    drafter.start(PROMPT, 64, [])
+    other = models.target.make_cache(2, 64)  # two rows: not a single request's cache
+    assert drafter.adopt(other, PROMPT + [5]) is False
+    assert drafter.session.tokens == []
+
+
 def test_draft_cache_is_reused_across_requests(models):
     drafter = ModelDrafter(models.near)
     speculative(models.target, drafter, n=8)
