@@ -3,7 +3,7 @@
 64 greedy tokens after a 128-token prompt (no early stop), 2 threads, each engine in a fresh process.
 Models: SmolLM2-135M GGUF (Q4_1; the default model), Llama-3.2-1B-shaped random checkpoint (bf16, fp32).
 
-    python bench/decode.py [--models smollm2,1b-bf16,1b-fp32] [--threads 2] [--no-peers]
+    python bench/decode.py [--models smollm2,1b-bf16,1b-fp32] [--threads 2] [--no-peers] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -106,11 +106,40 @@ def f16_gguf(src: Path) -> Path | None:
     return out if r.returncode == 0 and out.is_file() else None
 
 
+def summarize(name: str, runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per engine: median decode / prefill over the rounds, and pocketllama's ratio to it (median of
+    the per-round ratios, each taken from runs seconds apart, with their range)."""
+    import statistics
+
+    def med(rs: list[dict], key: str) -> float | None:
+        vals = [r[key] for r in rs if key in r]
+        return statistics.median(vals) if vals else None
+
+    ours = runs["pocketllama"]
+    rows = []
+    for engine, rs in runs.items():
+        good = [r for r in rs if "decode_tps" in r]
+        row = {"model": name, "engine": engine, "rounds": len(good), **(good[-1] if good else rs[-1])}
+        row.update({k: med(good, k) for k in ("decode_tps", "prefill_tps", "ttft_s")} if good else {})
+        row["decode_runs"] = [round(r["decode_tps"], 1) for r in good]
+        pairs = [(o["decode_tps"] / t["decode_tps"], o["prefill_tps"] / t["prefill_tps"])
+                 for o, t in zip(ours, rs, strict=True) if "decode_tps" in o and "decode_tps" in t]
+        if pairs:
+            row["ours/this decode"] = statistics.median(p[0] for p in pairs)
+            row["decode ratio range"] = f"{min(p[0] for p in pairs):.2f}-{max(p[0] for p in pairs):.2f}"
+            row["ours/this prefill"] = statistics.median(p[1] for p in pairs)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,1b-bf16,1b-fp32")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds of every engine, interleaved (this machine's memory bandwidth drifts with its "
+                         "neighbours): medians, and the range of the per-round ratios")
     args = ap.parse_args()
     os.environ["BENCH_THREADS"] = args.threads
     consts = f"PROMPT, NEW = {PROMPT_TOKENS}, {NEW_TOKENS}\n"
@@ -126,22 +155,17 @@ def main() -> None:
             engines.append(("transformers", TRANSFORMERS))
             if gguf is not None:
                 engines.append(("llama.cpp" + (" F16" if name != "smollm2" else " Q4_1"), LLAMA_CPP))
-        results = {}
-        for engine, code in engines:
-            target = gguf if engine.startswith("llama.cpp") else path
-            print(f"[{name}] {engine} ...", file=sys.stderr, flush=True)
-            results[engine] = run_json(consts + code, str(target), dtype, args.threads)
-        base = results["pocketllama"]
-        for engine, r in results.items():
-            row = {"model": name, "engine": engine, **r}
-            if "decode_tps" in r and "decode_tps" in base:
-                row["ours/this decode"] = base["decode_tps"] / r["decode_tps"]
-                row["ours/this prefill"] = base["prefill_tps"] / r["prefill_tps"]
-            rows.append(row)
+        runs: dict[str, list[dict]] = {engine: [] for engine, _ in engines}
+        for rnd in range(args.repeat):
+            for engine, code in engines:
+                target = gguf if engine.startswith("llama.cpp") else path
+                print(f"[{name}] {engine} (round {rnd + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+                runs[engine].append(run_json(consts + code, str(target), dtype, args.threads))
+        rows.extend(summarize(name, runs))
         if not has_module("llama_cpp") and not args.no_peers:
             print(f"[{name}] llama-cpp-python is not installed: its column is skipped", file=sys.stderr)
-    cols = ["model", "engine", "decode_tps", "ttft_s", "prefill_tps", "rss_mb", "ours/this decode",
-            "ours/this prefill", "error"]
+    cols = ["model", "engine", "rounds", "decode_tps", "decode_runs", "ttft_s", "prefill_tps", "rss_mb",
+            "ours/this decode", "decode ratio range", "ours/this prefill", "error"]
     print(table(rows, cols))
     print(f"\nwritten {save('decode', rows)}")
 
