@@ -52,6 +52,11 @@ def _copy_slots(src: KVCache, dst: KVCache, n: int, src_row: int = 0, dst_row: i
 # One sequence, kept between requests
 
 
+def _modules_key(model: nn.Module) -> int:
+    """Identity of the model's module tree: changes when any module is replaced or wrapped."""
+    return hash(tuple(id(m) for m in model.modules()))
+
+
 class SessionCache:
     """A batch-1 KV cache plus the ids whose K/V sit in its first slots. A request whose prompt starts with
     some of those ids prefills only the rest. Slots past `tokens` may hold stale K/V (a longer earlier
@@ -62,6 +67,14 @@ class SessionCache:
         self.cache: KVCache | None = None
         self.tokens: list[int] = []
         self._lock = threading.Lock()  # held by the live stream that owns the cache; others get a fresh one
+        self._modules = _modules_key(model)
+
+    def _check_model(self) -> None:
+        """Forget the K/V when the model's modules changed since they were computed (an adapter loaded with
+        `load_adapter`, a quantization swap): they belong to the old weights."""
+        key = _modules_key(self.model)
+        if key != self._modules:
+            self._modules, self.tokens = key, []
 
     def reserve(self, length: int, exact: bool = False) -> KVCache:
         """A cache of at least `length` slots (exactly `length` with exact=True, for compiled steps), keeping
@@ -79,6 +92,7 @@ class SessionCache:
 
     def prepare(self, prompt: Sequence[int], length: int, exact: bool = False) -> tuple[KVCache, int]:
         """(cache with >= `length` slots, how many leading ids of `prompt` it already holds)."""
+        self._check_model()
         n = common_prefix(self.tokens, prompt)
         self.tokens = self.tokens[:n]
         cache = self.reserve(length, exact)

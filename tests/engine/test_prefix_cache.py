@@ -92,6 +92,28 @@ def test_second_turn_reuses_the_prefix_with_the_same_logits(model):
     assert [r.logprob for r in second] == pytest.approx([r.logprob for r in ref], abs=1e-5)
 
 
+def test_an_adapter_loaded_between_turns_invalidates_the_session(tmp_path):
+    """K/V computed with the old weights are not reused once `load_adapter` wraps the model's layers."""
+    import copy
+
+    from pocketllama.finetune.lora import apply_lora, lora_modules
+
+    path = tmp_path / "m"
+    save_tiny_llama(path, seed=1)
+    model = load_model(path)[0]
+    session = SessionCache(model)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    answer = [r.token for r in session.stream(IdTokenizer(), PROMPT, params)]
+    apply_lora(model, r"model\.layers\.\d+\.self_attn\.[qv]_proj", r=4, alpha=8)
+    with torch.no_grad():
+        for m in lora_modules(model).values():  # a trained adapter: B != 0 changes the outputs
+            m.lora_B.weight.normal_(0, 0.5)
+    turn2 = PROMPT + answer + [9, 10]
+    second = list(session.stream(IdTokenizer(), turn2, params))
+    assert second[-1].cached_tokens == 0
+    assert [r.token for r in second] == [r.token for r in cold(copy.deepcopy(model), turn2, 4)]
+
+
 def test_a_longer_turn_grows_the_cache_and_keeps_the_prefix(model):
     session = SessionCache(model)
     list(session.stream(IdTokenizer(), PROMPT, SamplingParams(max_tokens=2, ignore_eos=True)))
