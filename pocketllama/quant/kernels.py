@@ -257,20 +257,30 @@ def deinterleave_groups(weight: torch.Tensor, r0: int = 0, r1: int | None = None
     return torch.cat(parts, dim=1)
 
 
-def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-            layout: str = "canonical", int8_activations: bool = False) -> torch.Tensor:
-    """x (M, K) @ dequant(int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N); weight in the `layout`
-    "canonical", "interleaved" (the C++ kernels' row blocks) or "groups" (int8 activations only).
+def grouped_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (any shape) of a groups-layout weight -> (*ids.shape, K/2) in canonical byte order."""
+    main, rest = _group_views(weight)
+    blk, r = ids // GROUP_ROWS, ids % GROUP_ROWS
+    parts = []
+    if main is not None:  # (..., S, t, g, b) -> (..., S, g, t, b)
+        parts.append(main[blk, :, r].transpose(-3, -2).flatten(-4))
+    if rest is not None:  # (..., t, gt, b) -> (..., gt, t, b)
+        parts.append(rest[blk, r].transpose(-3, -2).flatten(-3))
+    return torch.cat(parts, dim=-1)
 
-    int8_activations (always for "groups"): decode-sized x is quantized to int8 per 32 values (llama.cpp's
-    Q8_0) and multiplied in int8 x int4 (vpdpbusd; csrc/int4_groups.cpp, int4_a8.cpp): faster, ~0.5% relative
-    error on each output. Larger inputs (prefill) keep the exact weight-only path."""
+
+def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+            layout: str = "canonical") -> torch.Tensor:
+    """x (M, K) @ dequant(int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N); weight in the `layout`
+    "canonical", "interleaved" (the C++ kernels' row blocks) or "groups".
+
+    "groups" is the int8-activation mode: decode-sized x is quantized to int8 per 32 values (llama.cpp's
+    Q8_0) and multiplied in int8 x int4 (vpdpbusd; csrc/int4_groups.cpp): faster, ~0.5% relative error on
+    each output. Larger inputs (prefill) take the exact weight-only path in every layout."""
     if x.shape[0] <= SMALL_M and layout != "canonical":
         ext = extension()
         if layout == "groups":
             return ext.int4g_gemv_a8(x, weight, scales, zeros)
-        if int8_activations and hasattr(ext, "int4_gemv_a8"):
-            return ext.int4_gemv_a8(x, weight, scales, zeros)
         return ext.int4_gemv(x, weight, scales, zeros)
     return _fallback(x, weight.shape[0], _row_dequantizer("int4", weight, scales, zeros, layout, x),
                      INTERLEAVE["int4"][0])

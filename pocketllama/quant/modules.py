@@ -150,7 +150,6 @@ class _Int4Module(_QuantModule):
     _native_ok = True  # PyTorch's packed layout cannot look rows up, so tables keep canonical rows instead
     # "int8": decode-sized inputs are quantized to int8 for the multiply (`set_int8_activations`); None: exact
     activations: str | None = None
-    _groups_ok = True  # may take the int8-activation "groups" layout (tables keep rows they can look up)
 
     def _state_layout(self):
         n, k, g = self.out_features, self.in_features, self.in_features // self.group_size
@@ -161,7 +160,7 @@ class _Int4Module(_QuantModule):
         n, k, groups = self.out_features, self.in_features, scales.shape[1]
         if (cpu and kernels.extension() is not None and kernels.can_interleave("int4", n, k)
                 and (k // groups) % 32 == 0 and groups <= 1024):
-            if self.activations == "int8" and self._groups_ok and kernels.has_int8_activations():
+            if self.activations == "int8" and kernels.has_int8_activations():
                 self.layout = "groups"
                 self._store(weight=kernels.interleave_groups(weight), scales=scales, zeros=zeros.to(scales.dtype))
                 return
@@ -232,8 +231,7 @@ class Int4Linear(_Int4Module):
         if self.layout == "native" and x2.dtype == self.scales_and_zeros.dtype:
             y = kernels.int4_mm_native(x2, self.weight, self.scales_and_zeros, self.group_size)
         elif self.layout in ("interleaved", "groups"):
-            y = kernels.int4_mm(x2, self.weight, self.scales, self.zeros, layout=self.layout,
-                                int8_activations=self.activations == "int8")
+            y = kernels.int4_mm(x2, self.weight, self.scales, self.zeros, layout=self.layout)
         else:
             y = kernels.int4_mm(x2, *self.canonical())
         if self.bias is not None:
@@ -304,7 +302,6 @@ class Int4Embedding(_Int4Module):
     table (tied output) through the int4 kernels (the C++ GEMV for decode rows)."""
 
     _native_ok = False
-    _groups_ok = False  # row lookups need the interleaved rows; `attend` uses the chunk int8-activation kernel
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -334,6 +331,8 @@ class Int4Embedding(_Int4Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.layout == "interleaved":
             rows = kernels.interleaved_rows(self.weight, "int4", ids)  # (..., D/2) uint8, canonical nibbles
+        elif self.layout == "groups":
+            rows = kernels.grouped_rows(self.weight, ids)
         else:
             rows = self.weight[ids]
         groups = self.scales.shape[1]
@@ -344,7 +343,7 @@ class Int4Embedding(_Int4Module):
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., V) = h @ table.T."""
         y = kernels.int4_mm(h.reshape(-1, self.embedding_dim), self.weight, self.scales, self.zeros,
-                            layout=self.layout, int8_activations=self.activations == "int8")  # (M, V)
+                            layout=self.layout)  # (M, V)
         return y.view(*h.shape[:-1], self.num_embeddings)
 
     def extra_repr(self) -> str:
@@ -380,7 +379,7 @@ def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
             continue
         changed += 1
         m.activations = mode
-        if m.layout in ("interleaved", "groups") and m._groups_ok:  # linears re-lay their weights for the mode
+        if m.layout in ("interleaved", "groups"):  # the weights take the mode's layout
             weight, scales, zeros = m.canonical()
             m._set(weight=weight, scales=scales, zeros=zeros)
     return changed

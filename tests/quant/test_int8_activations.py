@@ -1,4 +1,4 @@
-"""int8 activations x int4 weights (csrc/int4_a8.cpp via quant.kernels.int4_mm and set_int8_activations)."""
+"""int8 activations x int4 weights (csrc/int4_groups.cpp via quant.kernels.int4_mm and set_int8_activations)."""
 
 from __future__ import annotations
 
@@ -32,21 +32,15 @@ def _exact(x, q, s, z, gs):
     return x.float() @ w.T
 
 
-def _pack(q: torch.Tensor, layout: str) -> torch.Tensor:
-    w = pack_int4(q)
-    return kernels.interleave_groups(w) if layout == "groups" else kernels.interleave(w, "int4")
-
-
 @pytest.mark.parametrize("n,k,gs", [(64, 576, 32), (96, 1536, 64), (32, 2048, 128), (16, 512, 256), (16, 960, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["interleaved", "groups"])
-def test_kernels_compute_the_q8_activation_algorithm(n, k, gs, dtype, layout):
+def test_kernel_computes_the_q8_activation_algorithm(n, k, gs, dtype):
     g = torch.Generator().manual_seed(n + k)
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
     s = (torch.rand(n, k // gs, generator=g) * 0.02 + 1e-3).to(dtype)
     z = (torch.randn(n, k // gs, generator=g) * 0.01).to(dtype)
     x = torch.randn(3, k, generator=g).to(dtype)
-    y = kernels.int4_mm(x, _pack(q, layout), s, z, layout=layout, int8_activations=True)
+    y = kernels.int4_mm(x, kernels.interleave_groups(pack_int4(q)), s, z, layout="groups")
     assert y.shape == (3, n) and y.dtype == dtype
     want = _algorithm(x, q, s, z, gs)
     scale = want.abs().max()
@@ -55,17 +49,16 @@ def test_kernels_compute_the_q8_activation_algorithm(n, k, gs, dtype, layout):
     assert (y.float() - _exact(x, q, s, z, gs)).abs().max() <= 0.02 * scale  # what the quantized x costs
 
 
-@pytest.mark.parametrize("layout", ["interleaved", "groups"])
-def test_each_row_is_computed_as_if_alone(layout):
+def test_each_row_is_computed_as_if_alone():
     """Verification batches (speculative decoding) must see exactly what one-row decode computes."""
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (64, 1024), dtype=torch.uint8, generator=g)
-    w = _pack(q, layout)
+    w = kernels.interleave_groups(pack_int4(q))
     s, z = torch.rand(64, 32, generator=g).bfloat16() * 0.01, torch.randn(64, 32, generator=g).bfloat16() * 0.01
     x = torch.randn(5, 1024, generator=g).bfloat16()
-    batch = kernels.int4_mm(x, w, s, z, layout=layout, int8_activations=True)
+    batch = kernels.int4_mm(x, w, s, z, layout="groups")
     for i in range(5):
-        assert torch.equal(kernels.int4_mm(x[i:i + 1], w, s, z, layout=layout, int8_activations=True)[0], batch[i])
+        assert torch.equal(kernels.int4_mm(x[i:i + 1], w, s, z, layout="groups")[0], batch[i])
 
 
 @pytest.mark.parametrize("k", [512, 576, 960, 2048])
@@ -77,6 +70,8 @@ def test_groups_layout_round_trips_and_prefill_dequantizes_exactly(k):
     assert not torch.equal(grouped, w)
     assert torch.equal(kernels.deinterleave_groups(grouped), w)
     assert torch.equal(kernels.deinterleave_groups(grouped, 4, 12), w[4:12])
+    ids = torch.tensor([[0, 5], [15, 6]])
+    assert torch.equal(kernels.grouped_rows(grouped, ids), w[ids])  # table lookups
     s, z = torch.rand(16, k // 32, generator=g).bfloat16(), torch.randn(16, k // 32, generator=g).bfloat16()
     x = torch.randn(20, k, generator=g).bfloat16()  # prefill-sized: the exact weight-only path
     assert torch.equal(kernels.int4_mm(x, grouped, s, z, layout="groups"), kernels.int4_mm(x, w, s, z))
