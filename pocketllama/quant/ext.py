@@ -48,7 +48,7 @@ def kernels() -> Any | None:
         return None
     if not SOURCES or shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
         return None
-    source = b"".join(p.read_bytes() for p in SOURCES)
+    source = b"".join(p.read_bytes() for p in sorted(SOURCES[0].parent.glob("*.[ch]*")))  # sources and headers
     tag = hashlib.sha256(source + torch.__version__.encode() + " ".join(sorted(flags)).encode()).hexdigest()[:16]
     build = _cache_dir(tag)
     build.mkdir(parents=True, exist_ok=True)
