@@ -138,7 +138,7 @@ class Int8Linear(_QuantModule):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"layout={self.layout}" + (f", activations={self.activations}" if self.activations else ""))
+                f"layout={self.layout}")
 
 
 class _Int4Module(_QuantModule):

@@ -90,6 +90,7 @@ def test_switch_changes_decode_rows_only_and_switches_back():
         state = {k: v.clone() for k, v in model.state_dict().items()}
         assert set_int8_activations(model) == 1  # the one int4 module
         assert "activations=int8" in repr(model[0]) and model[0].layout == "groups"
+        assert "activations" not in repr(model[1])  # the int8 linear has no such mode
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # checkpoint layout unchanged
         fast1 = model(x1)
         assert not torch.equal(fast1, exact1)
