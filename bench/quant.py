@@ -8,12 +8,14 @@ per decoded token (process CPU time: with --threads 1 a fair cost when the machi
 threads it includes the pool's spin-waiting).
 
     python bench/quant.py [--shapes 1b,3b] [--variants bf16,int8,int4-g32,int4-g32+a8,...] [--threads 2] [--no-peers]
+                          [--repeat 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -102,42 +104,58 @@ def gguf_of(src: Path, qtype: str) -> Path | None:
     return out
 
 
+def median_row(runs: list[dict]) -> dict:
+    """The median of each number over the runs that worked (the last error otherwise), and the decode runs."""
+    good = [r for r in runs if "decode_tps" in r]
+    if not good:
+        return runs[-1] if runs else {}
+    keys = [k for k, v in good[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {**good[-1], **{k: statistics.median(r[k] for r in good) for k in keys},
+            "decode_runs": [round(r["decode_tps"], 1) for r in good]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="1b")
     ap.add_argument("--variants", default="bf16,int8,int4-g32,int4-g32+a8,int4-g32-e4g128,int4-g32-e4g128+a8")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds of every engine, interleaved (medians)")
     args = ap.parse_args()
     os.environ["BENCH_THREADS"] = args.threads
     consts = f"PROMPT, NEW = {PROMPT_TOKENS}, {NEW_TOKENS}\n"
     peers = not args.no_peers and has_module("llama_cpp")
     if not args.no_peers and not peers:
         print("llama-cpp-python is not installed: the llama.cpp rows are skipped", file=sys.stderr)
-    rows, peer_rows = [], {}  # a peer runs once per (shape, type), however many of our variants compare to it
+    rows = []
     for shape in args.shapes.split(","):
         path = random_checkpoint(f"llama-3.2-{shape}", {"1b": LLAMA_32_1B, "3b": LLAMA_32_3B}[shape])
-        for variant in args.variants.split(","):
-            print(f"[{shape}] pocketllama {variant} ...", file=sys.stderr, flush=True)
-            ours = run_json(consts + POCKETLLAMA, str(path), variant, args.threads)
+        variants = args.variants.split(",")
+        needed = dict.fromkeys(PEER_OF[v.removesuffix("+a8")] for v in variants if v.removesuffix("+a8") in PEER_OF)
+        ggufs = {p: gguf_of(path, p) for p in needed} if peers else {}
+        ours: dict[str, list[dict]] = {v: [] for v in variants}
+        theirs: dict[str, list[dict]] = {p: [] for p, g in ggufs.items() if g is not None}
+        for rnd in range(args.repeat):  # rounds interleave every engine: the machine's bandwidth drifts
+            for variant in variants:
+                print(f"[{shape}] pocketllama {variant} (round {rnd + 1}) ...", file=sys.stderr, flush=True)
+                ours[variant].append(run_json(consts + POCKETLLAMA, str(path), variant, args.threads))
+            for peer in theirs:
+                print(f"[{shape}] llama.cpp {peer} (round {rnd + 1}) ...", file=sys.stderr, flush=True)
+                theirs[peer].append(run_json(consts + LLAMA_CPP, str(ggufs[peer]), peer, args.threads))
+        for variant, runs in ours.items():
             base = variant.removesuffix("+a8")
-            row = {"shape": shape, "engine": "pocketllama", "variant": variant, **ours,
-                   "release_gb": RELEASE_GB[shape].get(base), "loadavg": round(os.getloadavg()[0], 1)}
+            row = {"shape": shape, "engine": "pocketllama", "variant": variant, **median_row(runs),
+                   "release_gb": RELEASE_GB[shape].get(base)}
+            peer_runs = theirs.get(PEER_OF.get(base), [])
+            ratios = [o["decode_tps"] / t["decode_tps"] for o, t in zip(runs, peer_runs, strict=False)
+                      if "decode_tps" in o and "decode_tps" in t]
+            if ratios:  # each round's ratio, from runs a minute apart
+                row["vs llama.cpp"] = statistics.median(ratios)
+                row["ratio range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
             rows.append(row)
-            peer = PEER_OF.get(base)
-            if peers and peer and (shape, peer) not in peer_rows:
-                gguf = gguf_of(path, peer)
-                if gguf is not None:
-                    print(f"[{shape}] llama.cpp {peer} ...", file=sys.stderr, flush=True)
-                    theirs = run_json(consts + LLAMA_CPP, str(gguf), variant, args.threads)
-                    peer_rows[shape, peer] = {"shape": shape, "engine": "llama.cpp", "variant": peer, **theirs,
-                                              "loadavg": round(os.getloadavg()[0], 1)}
-                    rows.append(peer_rows[shape, peer])
-            theirs = peer_rows.get((shape, peer), {})
-            if "decode_tps" in ours and "decode_tps" in theirs:
-                row["vs llama.cpp"] = ours["decode_tps"] / theirs["decode_tps"]
-    cols = ["shape", "engine", "variant", "decode_tps", "vs llama.cpp", "cpu_ms_per_token", "prefill_tps",
-            "weights_gb", "release_gb", "peak_rss_gb", "load_s", "loadavg", "error"]
+        rows += [{"shape": shape, "engine": "llama.cpp", "variant": p, **median_row(r)} for p, r in theirs.items()]
+    cols = ["shape", "engine", "variant", "decode_tps", "decode_runs", "vs llama.cpp", "ratio range",
+            "cpu_ms_per_token", "prefill_tps", "weights_gb", "release_gb", "peak_rss_gb", "load_s", "error"]
     print(table(rows, cols))
     print(f"\nwritten {save('quant', rows, {'threads': args.threads, 'prompt': PROMPT_TOKENS, 'new': NEW_TOKENS})}")
 
