@@ -3,7 +3,8 @@
 
 Their `state_dict()` is always the canonical layout of `primitives.py` (what checkpoints store); on load
 they may repack into a kernel's layout (`layout`): "interleaved" rows for pocketllama's C++ kernels,
-"native" for PyTorch's int4 CPU kernel (bfloat16, without the C++ kernels), else "canonical". Built on the
+"groups" for int4 weights in the int8-activation mode (`set_int8_activations`), "native" for PyTorch's int4
+CPU kernel (bfloat16, without the C++ kernels), else "canonical". Built on the
 meta device by `handler.swap_modules`, then filled by the ordinary `load_state_dict(assign=True)`.
 """
 
@@ -144,7 +145,8 @@ class Int8Linear(_QuantModule):
 class _Int4Module(_QuantModule):
     """Int4 groupwise buffers shared by `Int4Linear` and `Int4Embedding`: the checkpoint holds the canonical
     parts (weight uint8 (N, K/2), scales (N, K // group), zeros (N, K // group)); memory may hold the C++
-    kernels' interleaved rows or (where `_native_ok`) PyTorch's int4 CPU layout."""
+    kernels' interleaved rows, their "groups" layout (int8 activations) or (where `_native_ok`) PyTorch's
+    int4 CPU layout."""
 
     group_size: int
     _native_ok = True  # PyTorch's packed layout cannot look rows up, so tables keep canonical rows instead
@@ -350,12 +352,16 @@ class Int4Embedding(_Int4Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, layout={self.layout}"
 
 
+def _int4_modules(model: nn.Module) -> list[_Int4Module]:
+    return [m for m in model.modules() if isinstance(m, _Int4Module)]
+
+
 def mark_int8_activations(model: nn.Module) -> int:
     """Put the int4 modules of a model whose weights are not assigned yet (built on meta) in the int8-activation
     mode, so each stores its weights in that mode's layout as they arrive; returns how many."""
     if not kernels.has_int8_activations():
         return 0
-    targets = [m for m in model.modules() if isinstance(m, _Int4Module)]
+    targets = _int4_modules(model)
     for m in targets:
         m.activations = "int8"
     return len(targets)
@@ -365,7 +371,7 @@ def set_int8_activations(model: nn.Module, enabled: bool = True) -> int:
     """Switch every int4 module of `model` (linears, an int4 table's output projection) to int8 activations
     for decode-sized inputs (`kernels.int4_mm`), or back to the exact weight-only product; returns how many
     modules changed mode. A runtime choice, like the thread count: nothing in the weights changes."""
-    targets = [m for m in model.modules() if isinstance(m, _Int4Module)]
+    targets = _int4_modules(model)
     if enabled and not targets:
         raise ValueError("int8 activations apply to int4 weights, and this model has none; load it with an int4 "
                          "recipe (quantize='int4-g32') or from a Q4_0 / Q4_1 GGUF")

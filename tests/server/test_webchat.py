@@ -47,17 +47,22 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(server, browser):
+def _open_page(browser, url: str, model_name: str):
+    """The chat page at `url`, once it shows `model_name`; afterwards, no JavaScript error may have happened."""
     context = browser.new_context(viewport={"width": 1100, "height": 760})
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(server.url + "/")
-    pg.wait_for_function("document.getElementById('model').textContent.includes('smollm2-135m')")
+    pg.goto(url + "/")
+    pg.wait_for_function(f"document.getElementById('model').textContent.includes('{model_name}')")
     yield pg
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def page(server, browser):
+    yield from _open_page(browser, server.url, "smollm2-135m")
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +81,7 @@ def vision_server(tmp_path_factory):
 
 @pytest.fixture
 def vision_page(vision_server, browser):
-    context = browser.new_context(viewport={"width": 1100, "height": 760})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(vision_server.url + "/")
-    pg.wait_for_function("document.getElementById('model').textContent.includes('tiny-vision')")
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    yield from _open_page(browser, vision_server.url, "tiny-vision")
 
 
 def requests_to_api(pg) -> list[dict]:

@@ -14,6 +14,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "simd.h"
+
 namespace {
 
 // Output rows computed together, sharing the loads of x (measured best: 8 for int8, 4 for int4).
@@ -27,13 +29,8 @@ inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 // ---- scales -----------------------------------------------------------------------------------------
 constexpr int64_t MAX_GROUPS = 1024;  // K / group; Llama's widest row is 28672 values = 896 groups of 32
 
-inline __mmask16 tail(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
-inline __m512 load16(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(tail(n), p); }
-inline __m512 load16(const c10::BFloat16* p, int64_t n) {
-  const __m256i v = _mm256_maskz_loadu_epi16(tail(n), p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline __m512 load16(const c10::Half* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail(n), p)); }
+using pocketllama::load16;
+using pocketllama::tail;
 
 // Scales of R rows (R x G, row stride G) as fp32 into `out` (R x G).
 template <typename S, int R>

@@ -28,12 +28,7 @@ namespace {
 constexpr int ROWS = 4;
 
 using pocketllama::load16;
-inline __m512 mload16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 mload16(const c10::BFloat16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-inline __m512 mload16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+using pocketllama::tail;
 
 // One row of x -> per 512-column super-chunk and step t: xe / xo (64 bytes each: lane g = the 4 even / odd
 // activations its weight bytes pair with), and per 32-value block: dx, -8 * sum xq (int32), sum x.
@@ -76,7 +71,7 @@ inline void block(const int8_t* xe, const int8_t* xo, const float* dx, const int
   for (int r = 0; r < ROWS; ++r) tot[r] = _mm512_setzero_ps();
   for (int64_t sc = 0; sc * 16 < subgroups; ++sc) {
     const int64_t gt = std::min<int64_t>(16, subgroups - sc * 16);  // groups in this super-chunk
-    const __mmask16 lanes = first(gt);
+    const __mmask16 lanes = tail(gt);
     const __mmask64 bytes = gt == 16 ? ~0ULL : (1ULL << (4 * gt)) - 1;
     const uint8_t* base = wb + sc * 1024;  // full super-chunks are 1 KB per block; the tail follows them
     const int64_t step = 4 * gt;           // bytes per (row, step)
@@ -96,7 +91,7 @@ inline void block(const int8_t* xe, const int8_t* xo, const float* dx, const int
         acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(w, low), ev[t]);
         acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 4), low), ov[t]);
       }
-      __m512 sv = mload16(s + r * G + g0, first(ng)), zv = mload16(z + r * G + g0, first(ng));
+      __m512 sv = load16(s + r * G + g0, ng), zv = load16(z + r * G + g0, ng);
       if (per > 1) sv = _mm512_permutexvar_ps(ex, sv), zv = _mm512_permutexvar_ps(ex, zv);
       tot[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), dv), sv, tot[r]);
       tot[r] = _mm512_mask3_fmadd_ps(zv, xv, tot[r], lanes);
@@ -217,7 +212,7 @@ void dequant_impl(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z,
         const uint8_t* base = W + b * ROWS * K / 2 + sc * 1024;
         for (int r = 0; r < ROWS; ++r) {
           const int64_t n = b * ROWS + r;
-          __m512 sv = mload16(Sc + n * G + g0, first(ng)), zv = mload16(Z + n * G + g0, first(ng));
+          __m512 sv = load16(Sc + n * G + g0, ng), zv = load16(Z + n * G + g0, ng);
           if (per > 1) sv = _mm512_permutexvar_ps(ex, sv), zv = _mm512_permutexvar_ps(ex, zv);
           T* row = O + (n - r0) * K + sc * 512;
           for (int t = 0; t < 4; ++t) {
