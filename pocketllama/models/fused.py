@@ -85,16 +85,22 @@ class FusedProjection:
         return list(self.fused(x).split(self.sizes, dim=-1))
 
 
-def fused_outputs(owner: nn.Module, attr: str, modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """Outputs of `modules` on `x`: through a fusion cached on `owner` (in its __dict__ under `attr`, so
-    outside its parameters and submodules) when inference allows one, else module by module."""
-    if torch.is_grad_enabled():
-        return [m(x) for m in modules]
+def fusion_for(owner: nn.Module, attr: str, modules: list[nn.Module]) -> FusedProjection | _Unfused:
+    """The fusion of `modules` cached on `owner` (in its __dict__ under `attr`, so outside its parameters and
+    submodules), rebuilt when one of them changed; `_Unfused` where they cannot be fused."""
     fusion = owner.__dict__.get(attr)
     if fusion is None or not fusion.valid_for(modules):
         fusion = FusedProjection(modules) if _fusable(modules) else _Unfused(modules)
         owner.__dict__[attr] = fusion
-    return fusion(x)
+    return fusion
+
+
+def fused_outputs(owner: nn.Module, attr: str, modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of `modules` on `x`: through their fusion (`fusion_for`) when inference allows one, else module
+    by module."""
+    if torch.is_grad_enabled():
+        return [m(x) for m in modules]
+    return fusion_for(owner, attr, modules)(x)
 
 
 class _Unfused:

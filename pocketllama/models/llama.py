@@ -6,6 +6,8 @@ or a right-padded batch where every row keeps its own positions.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +16,8 @@ from ..config import TextConfig
 from ..engine.kv_cache import KVCache, round_up
 from ..quant import kernels
 from ..quant.kernels import SMALL_M, dense_mm
-from .fused import fused_outputs
+from ..quant.modules import Int4Linear, Int8Linear
+from .fused import FusedProjection, fused_outputs, fusion_for
 from .rope import RotaryEmbedding, apply_rotary
 
 # Attend over the cache in windows of this many slots: keeps decode cost proportional to the context used
@@ -23,6 +26,9 @@ KV_WINDOW = 256
 # Up to this many new tokens per row, attention against the cache is two small matmuls (decode, speculative
 # verification); longer chunks (prefill) take SDPA's fused kernel.
 SMALL_QUERY = 16
+# Decode-sized steps (at most SMALL_M rows) run each decoder layer as one C++ call (csrc/decode_layer.cpp)
+# where its modules allow; tests switch it off to compare with the module-by-module path.
+ONE_CALL_LAYERS = True
 
 
 class Linear(nn.Linear):
@@ -136,8 +142,72 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: _StepContext) -> torch.Tensor:
+        if ctx.one_call(h, cos) and (out := self._one_call(h, cos, sin, ctx)) is not None:
+            return out
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def _one_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: _StepContext) -> torch.Tensor | None:
+        """The whole layer as one C++ call (same ops and rounding as `forward`), or None where its modules do
+        not allow it (LoRA wrappers, layouts the C++ kernels do not hold, unfusable projections)."""
+        plan = self.__dict__.get("_decode_plan")
+        if plan is None or not plan.valid():
+            plan = self.__dict__["_decode_plan"] = _DecodePlan(self)
+        if plan.tensors is None or plan.dtype != h.dtype:
+            return None
+        i, hd = self.self_attn.layer_idx, self.self_attn.head_dim
+        return kernels.extension().decode_layer(h, cos, sin, ctx.cache.keys[i], ctx.cache.values[i], ctx.row_ids,
+                                                ctx.positions, *plan.norms, plan.eps, plan.tensors, plan.kinds, hd,
+                                                hd**-0.5)
+
+
+def _projection(m: nn.Module) -> tuple[int, list[torch.Tensor | None]] | None:
+    """(kind, [weight, scales, zeros, bias]) of a projection that csrc/decode_layer.cpp computes exactly as the
+    module's forward does, else None."""
+    if type(m) is Linear:
+        return 0, [m.weight, None, None, m.bias]
+    if type(m) is Int8Linear and m.layout == "interleaved":
+        return 1, [m.weight, m.scales, None, m.bias]
+    if type(m) is Int4Linear and m.layout in ("interleaved", "groups"):
+        return (2 if m.layout == "interleaved" else 3), [m.weight, m.scales, m.zeros, m.bias]
+    return None
+
+
+class _DecodePlan:
+    """The tensors `decode_layer` (C++) takes for one decoder layer (`tensors` None: the layer runs module by
+    module), kept while the layer's module tree and tensors stay the same objects at the same addresses
+    (quantization swaps, adapters, `.to()` and `param.data = ...` all rebuild it)."""
+
+    def __init__(self, layer: LlamaDecoderLayer) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.tensors: list[torch.Tensor | None] | None = None
+        if (type(attn) is LlamaAttention and type(mlp) is LlamaMLP and all(type(n) is RMSNorm for n in norms)
+                and norms[0].eps == norms[1].eps and attn.head_dim % 16 == 0):
+            qkv = fusion_for(attn, "_fused_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])  # fuses first: the
+            gate_up = fusion_for(mlp, "_fused_gate_up", [mlp.gate_proj, mlp.up_proj])  # originals become views
+            projs = [_projection(m) for m in (getattr(qkv, "fused", None), attn.o_proj, getattr(gate_up, "fused", None),
+                                                mlp.down_proj)]
+            if isinstance(qkv, FusedProjection) and isinstance(gate_up, FusedProjection) and None not in projs:
+                self.kinds = [kind for kind, _ in projs]
+                self.tensors = [t for _, ts in projs for t in ts]
+                self.norms, self.eps, self.dtype = [n.weight for n in norms], norms[0].eps, norms[0].weight.dtype
+        watch: list[tuple[dict, str, object]] = []  # (container, key, the object found there)
+        for owner, names in ((layer, ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")),
+                             (attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                m = owner._modules[name]
+                watch.append((owner._modules, name, m))
+                if owner is not layer or name.endswith("norm"):
+                    watch += [(d, k, t) for d in (m._parameters, m._buffers) for k, t in d.items()]
+        self._dicts, self._keys, self._objects = zip(*watch, strict=True)
+        self._tensors = [t for t in self._objects if isinstance(t, torch.Tensor)]
+        self._ptrs = [t.data_ptr() for t in self._tensors]
+
+    def valid(self) -> bool:
+        """Checked every step, so written as C-level loops (~3 us per layer)."""
+        return (all(map(operator.is_, map(dict.get, self._dicts, self._keys), self._objects))
+                and list(map(torch.Tensor.data_ptr, self._tensors)) == self._ptrs)
 
 
 class _StepContext:
@@ -154,6 +224,7 @@ class _StepContext:
         self.rows = self.cache_rows = self.row_ids = None
         self._mask = attn_mask
         self._bias: tuple[tuple[int, torch.dtype], torch.Tensor] | None = None
+        self._one_call: bool | None = None
         self.kv_len = 0
         if attn_mask is not None and cache is not None:
             raise ValueError("attn_mask applies to a whole-sequence forward; with a KV cache the mask comes from "
@@ -174,6 +245,19 @@ class _StepContext:
                 self.kv_len = min(round_up(top, KV_WINDOW), cache.max_len)
             self.row_ids = torch.arange(B, device=positions.device) if cache_rows is None else cache_rows  # (B,)
             self.rows, self.cache_rows = self.row_ids[:, None], cache_rows  # (B, 1)
+
+    def one_call(self, h: torch.Tensor, cos: torch.Tensor) -> bool:
+        """Whether this step's decoder layers may run as one C++ call each (decided on the first layer)."""
+        if self._one_call is None:
+            B, T, _ = h.shape
+            ext = kernels.extension()
+            self._one_call = bool(
+                ONE_CALL_LAYERS and self.cache is not None and T <= SMALL_QUERY and B * T <= SMALL_M
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and h.device.type == "cpu"
+                and h.dtype in (torch.float32, torch.bfloat16, torch.float16) and cos.dtype == h.dtype
+                and self.cache.keys[0].dtype == h.dtype and self.positions.dtype == torch.long
+                and self.positions.is_contiguous() and ext is not None and hasattr(ext, "decode_layer"))
+        return self._one_call
 
     @property
     def mask(self) -> torch.Tensor | None:

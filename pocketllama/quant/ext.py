@@ -1,5 +1,5 @@
 """The optional C++ CPU kernels (csrc/*.cpp, AVX-512: GEMVs, dequantization, RMSNorm, rotary, decode
-attention), built with the machine's compiler at first use and cached under ~/.cache/pocketllama; None (the
+attention, a whole decoder layer for decode steps), built with the machine's compiler at first use and cached under ~/.cache/pocketllama; None (the
 pure-torch paths run instead) when they cannot be built.
 
 POCKETLLAMA_NO_EXT=1 disables them.
@@ -40,7 +40,7 @@ def _cpu_flags() -> str:
 @functools.cache
 def kernels() -> Any | None:
     """`torch.ops.pocketllama_quant` (int8/int4/bf16 GEMVs, the int8-activation int4 GEMV (VNNI CPUs), int8/int4
-    dequant, rms_norm, rotary_, decode_attention), or None where unavailable."""
+    dequant, rms_norm, rotary_, decode_attention, decode_layer), or None where unavailable."""
     if os.environ.get("POCKETLLAMA_NO_EXT") == "1":
         return None
     flags = _cpu_flags().split()

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "simd.h"
 
 #include <cmath>
@@ -121,6 +122,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 }  // namespace
+
+at::Tensor pocketllama::ops::decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              at::Tensor cache_k, at::Tensor cache_v, const at::Tensor& rows,
+                                              const at::Tensor& positions, double scale) {
+  return ::decode_attention(q, k, v, cache_k, cache_v, rows, positions, scale);
+}
 
 TORCH_LIBRARY_FRAGMENT(pocketllama_quant, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor rows, "

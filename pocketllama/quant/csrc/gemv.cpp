@@ -14,6 +14,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "ops.h"
 #include "simd.h"
 
 namespace {
@@ -577,6 +578,20 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 }
 
 }  // namespace
+
+namespace pocketllama::ops {
+#ifdef __AVX512BF16__
+at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) { return ::bf16_gemv(x, w); }
+#endif
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) { return ::int8_gemv(x, w, s); }
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, const at::Tensor& z) {
+  return ::int4_gemv(x, w, s, z);
+}
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) { return ::rms_norm(x, w, eps); }
+void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
+  ::rotary_(x, cos, sin, head_dim);
+}
+}  // namespace pocketllama::ops
 
 TORCH_LIBRARY(pocketllama_quant, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scales) -> Tensor");

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "simd.h"
 
 #include <cmath>
@@ -268,6 +269,11 @@ void int4g_dequant(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z
 }  // namespace
 
 #ifdef __AVX512VNNI__
+at::Tensor pocketllama::ops::int4g_gemv_a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
+                                           const at::Tensor& z) {
+  return ::int4g_gemv_a8(x, w, s, z);
+}
+
 TORCH_LIBRARY_FRAGMENT(pocketllama_quant, m) {
   m.def("int4g_gemv_a8(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
   m.def("int4g_dequant(Tensor w, Tensor scales, Tensor zeros, int r0, int r1, Tensor(a!) out) -> ()");
