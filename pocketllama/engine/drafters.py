@@ -194,9 +194,10 @@ def make_drafter(draft: Any, target: Any, *, device: str | torch.device = "cpu",
 
     if isinstance(draft, str) and draft.startswith(SELF_PREFIX):
         recipe = draft[len(SELF_PREFIX):]
-        recipe = "int4-g32" if recipe == "int4" else recipe
-        # a draft only proposes tokens (the target verifies each one): its int4 weights take the faster
-        # int8-activation kernels where the CPU has them (quant.kernels.int4_mm)
+        # A draft only proposes tokens (the target verifies each one), so "int4" is the leanest recipe: int4
+        # linears and an int4 token table / output (1B: 0.75 GB per token read, vs 0.87 GB with an int8
+        # table), and its int4 weights take the int8-activation kernels where the CPU has them.
+        recipe = "int4-g32-e4g128" if recipe == "int4" else recipe
         model, _ = load_model(target.source, dtype=target.dtype, device=device, quantize=recipe,
                               int8_activations=True)
         check_compatible(target.model, model, str(target.source), draft)
