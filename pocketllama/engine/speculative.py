@@ -149,9 +149,14 @@ class _Controller:
     E(k) = (1 - a^(k+1)) / (1 - a) for a per-token acceptance a (decayed counts), t_draft the measured cost
     of one draft token and t_verify(k) = v0 + v1 (k + 1) fitted to measured verifications. When the best
     rate is below the measured plain step's, it returns 0 (plain decoding) for a pause that doubles after
-    each failed try; after a pause it forgets the old acceptance and tries again."""
+    each failed try.
 
-    PRIOR = (1.6, 2.0)  # (accepted, tested): a = 0.8, worth two tokens of evidence
+    Drafting starts, and restarts after each pause, with a probe: one round of a single draft, the cheapest
+    that measures anything. It forgets the old acceptance and replaces the draft's cost by a fresh
+    measurement, so one slow or unlucky round cannot stop drafting for the rest of a request, and a draft
+    that never agrees costs one single-token round per pause."""
+
+    PRIOR = (0.8, 1.0)  # (accepted, tested): a = 0.8, worth one token: a probe's outcome decides
     DECAY = 0.9
 
     def __init__(self, k_max: int, adaptive: bool) -> None:
@@ -163,6 +168,7 @@ class _Controller:
         self.fit = [0.0] * 5  # decayed sums: n, x, y, xx, xy of (k + 1, verify seconds)
         self.pause, self.backoff = 0, PROBE_AFTER
         self.rounds = 0  # rounds since the last pause
+        self.probing = True  # the next round is a probe (start of a request, end of a pause)
 
     @property
     def alpha(self) -> float:
@@ -177,9 +183,10 @@ class _Controller:
             self.pause -= 1
             if self.pause == 0:
                 self.acc, self.tested = self.PRIOR  # old evidence is stale after a pause
+                self.probing = True
             return 0
-        if self.fit[0] == 0 or self.t_draft is None:
-            return min(2, self.k_max)  # cheap rounds until the draft's cost is measured (the first catches up)
+        if self.probing or self.fit[0] == 0 or self.t_draft is None:
+            return 1  # a probe (or its catch-up): one draft token measures the draft's cost and acceptance
         k, rate = self.best()
         # A verification of 0 drafts is a plain step: the fit guards against a stale, slow plain measurement.
         if rate < 1.0 / min(self.t_plain or math.inf, self.verify_cost(0)):
@@ -218,7 +225,8 @@ class _Controller:
         self.tested = self.DECAY * self.tested + accepted + (accepted < k)  # drafts after a rejection are untested
         if draft_seconds is not None:
             per = draft_seconds / k
-            self.t_draft = per if self.t_draft is None else 0.8 * self.t_draft + 0.2 * per
+            self.t_draft = per if self.t_draft is None or self.probing else 0.8 * self.t_draft + 0.2 * per
+            self.probing = False
         x = k + 1.0
         self.fit = [self.DECAY * s + v for s, v in zip(self.fit, (1.0, x, verify_seconds, x * x, x * verify_seconds),
                                                        strict=True)]
