@@ -93,6 +93,65 @@ def reset_peak():
 '''
 
 
+SERVE = '''
+def serve(measure):
+    """Stay loaded: answer each "run" line on stdin with one JSON line (bench/common.py Worker)."""
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            print(json.dumps(measure()), flush=True)
+'''
+
+
+class Worker:
+    """An engine loaded once in its own interpreter (`code` ends by calling `serve(measure)` from SERVE);
+    `run()` measures once more. Rounds of several workers then run seconds apart instead of a model load
+    apart, so the machine's drifting memory bandwidth hits the engines alike."""
+
+    def __init__(self, code: str, *args: str, env: dict[str, str] | None = None) -> None:
+        import tempfile
+
+        self.log = tempfile.TemporaryFile(mode="w+")  # stderr (progress bars) must not fill a pipe
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVE + code, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.error = None if self._read() == "ready" else self._failure()
+
+    def _read(self) -> str | None:
+        """The next line that is "ready" or a JSON object (libraries may print other lines)."""
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line == "ready" or line.startswith("{"):
+                return line
+        return None
+
+    def _failure(self) -> str:
+        self.log.seek(0)
+        return ((self.log.read().strip().splitlines() or ["failed"])[-1])[:300]
+
+    def run(self) -> dict[str, Any]:
+        if self.error is None:
+            try:
+                self.proc.stdin.write("run\n")
+                self.proc.stdin.flush()
+                line = self._read()
+                if line is not None:
+                    return json.loads(line)
+            except (BrokenPipeError, json.JSONDecodeError):
+                pass
+            self.error = self._failure()
+        return {"error": self.error}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

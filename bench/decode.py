@@ -1,9 +1,11 @@
 """Decode tokens/s and time to first token: pocketllama vs transformers vs llama-cpp-python, side by side.
 
-64 greedy tokens after a 128-token prompt (no early stop), 2 threads, each engine in a fresh process.
+64 greedy tokens after a 128-token prompt (no early stop), 2 threads. Each engine loads once in its own process
+and stays loaded; rounds then alternate the engines seconds apart (`--repeat`), so the machine's drifting memory
+bandwidth hits them alike, and each ratio is the median of the per-round ratios.
 Models: SmolLM2-135M GGUF (Q4_1; the default model), Llama-3.2-1B-shaped random checkpoint (bf16, fp32).
 
-    python bench/decode.py [--models smollm2,1b-bf16,1b-fp32] [--threads 2] [--no-peers] [--repeat 3]
+    python bench/decode.py [--models smollm2,1b-bf16,1b-fp32] [--threads 2] [--no-peers] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RSS_HELPERS, has_module, random_checkpoint, run_json, save, table  # noqa: E402
+from common import RSS_HELPERS, Worker, has_module, random_checkpoint, save, table  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 64
 
@@ -30,9 +32,12 @@ ids = llm.tokenizer.encode(text)[:PROMPT]
 params = SamplingParams(max_tokens=NEW, ignore_eos=True)
 with torch.inference_mode():
     generate(llm.model, llm.tokenizer, ids[:16], params.replace(max_tokens=8))  # warm-up
-    r = generate(llm.model, llm.tokenizer, ids, params)
-print(json.dumps({"ttft_s": r.prompt_time, "decode_tps": r.generation_tps, "prefill_tps": r.prompt_tps,
-                  "tokens": r.generation_tokens, "rss_mb": rss_mb()}))
+def measure():
+    with torch.inference_mode():
+        r = generate(llm.model, llm.tokenizer, ids, params)
+    return {"ttft_s": r.prompt_time, "decode_tps": r.generation_tps, "prefill_tps": r.prompt_tps,
+            "tokens": r.generation_tokens, "rss_mb": rss_mb()}
+serve(measure)
 '''
 
 TRANSFORMERS = RSS_HELPERS + '''
@@ -54,10 +59,13 @@ def run(n):
     return time.perf_counter() - t
 with torch.inference_mode():
     run(2)  # warm-up
-    t1 = run(1)
-    tn = run(NEW)
-print(json.dumps({"ttft_s": t1, "decode_tps": (NEW - 1) / (tn - t1), "prefill_tps": PROMPT / t1,
-                  "tokens": NEW, "rss_mb": rss_mb()}))
+def measure():
+    with torch.inference_mode():
+        t1 = run(1)
+        tn = run(NEW)
+    return {"ttft_s": t1, "decode_tps": (NEW - 1) / (tn - t1), "prefill_tps": PROMPT / t1, "tokens": NEW,
+            "rss_mb": rss_mb()}
+serve(measure)
 '''
 
 LLAMA_CPP = RSS_HELPERS + '''
@@ -82,9 +90,11 @@ def run(n):
             break
     return first, time.perf_counter() - t
 run(4)  # warm-up
-first, total = run(NEW)
-print(json.dumps({"ttft_s": first, "decode_tps": (NEW - 1) / (total - first), "prefill_tps": PROMPT / first,
-                  "tokens": NEW, "rss_mb": rss_mb()}))
+def measure():
+    first, total = run(NEW)
+    return {"ttft_s": first, "decode_tps": (NEW - 1) / (total - first), "prefill_tps": PROMPT / first,
+            "tokens": NEW, "rss_mb": rss_mb()}
+serve(measure)
 '''
 
 
@@ -137,7 +147,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,1b-bf16,1b-fp32")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3,
+    ap.add_argument("--repeat", type=int, default=5,
                     help="rounds of every engine, interleaved (this machine's memory bandwidth drifts with its "
                          "neighbours): medians, and the range of the per-round ratios")
     args = ap.parse_args()
@@ -155,12 +165,20 @@ def main() -> None:
             engines.append(("transformers", TRANSFORMERS))
             if gguf is not None:
                 engines.append(("llama.cpp" + (" F16" if name != "smollm2" else " Q4_1"), LLAMA_CPP))
-        runs: dict[str, list[dict]] = {engine: [] for engine, _ in engines}
-        for rnd in range(args.repeat):
-            for engine, code in engines:
-                target = gguf if engine.startswith("llama.cpp") else path
-                print(f"[{name}] {engine} (round {rnd + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
-                runs[engine].append(run_json(consts + code, str(target), dtype, args.threads))
+        workers = {}
+        for engine, code in engines:  # each engine loads once and stays loaded through the rounds
+            print(f"[{name}] loading {engine} ...", file=sys.stderr, flush=True)
+            target = gguf if engine.startswith("llama.cpp") else path
+            workers[engine] = Worker(consts + code, str(target), dtype, args.threads)
+        runs: dict[str, list[dict]] = {engine: [] for engine in workers}
+        try:
+            for rnd in range(args.repeat):
+                print(f"[{name}] round {rnd + 1}/{args.repeat}: {', '.join(workers)}", file=sys.stderr, flush=True)
+                for engine, worker in workers.items():
+                    runs[engine].append(worker.run())
+        finally:
+            for worker in workers.values():
+                worker.close()
         rows.extend(summarize(name, runs))
         if not has_module("llama_cpp") and not args.no_peers:
             print(f"[{name}] llama-cpp-python is not installed: its column is skipped", file=sys.stderr)

@@ -2,13 +2,14 @@
 random Llama-3.2-shaped checkpoint, and beside the release table's memory figures (SPEC 8). A variant ending in
 "+a8" loads with int8_activations=True (int4 x int8 decode, as llama.cpp computes Q4 blocks).
 
-Per variant, in a fresh process: resident weight bytes, peak RSS of load + generation, load time, decode
-tokens/s (64 greedy tokens after a 128-token prompt, no early stop), prefill tokens/s, and CPU milliseconds
-per decoded token (process CPU time: with --threads 1 a fair cost when the machine is shared; with more
-threads it includes the pool's spin-waiting).
+Per variant, in its own process (loaded once, then `--repeat` rounds alternating with its llama.cpp peer,
+seconds apart): resident weight bytes, peak RSS of load + generation, load time, decode tokens/s (64 greedy
+tokens after a 128-token prompt, no early stop), prefill tokens/s, and CPU milliseconds per decoded token
+(process CPU time: with --threads 1 a fair cost when the machine is shared; with more threads it includes the
+pool's spin-waiting).
 
     python bench/quant.py [--shapes 1b,3b] [--variants bf16,int8,int4-g32,int4-g32+a8,...] [--threads 2] [--no-peers]
-                          [--repeat 2]
+                          [--repeat 4]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LLAMA_32_1B, LLAMA_32_3B, RSS_HELPERS, has_module, random_checkpoint, run_json, save, table  # noqa: E402
+from common import LLAMA_32_1B, LLAMA_32_3B, RSS_HELPERS, Worker, has_module, random_checkpoint, save, table  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 64
 RELEASE_GB = {"1b": {"bf16": 2.5, "int8": 1.25, "int4-g32": 0.75, "int4-g32-e4g128": 0.75},  # HF blog: BF16 /
@@ -47,16 +48,18 @@ ids = torch.randint(100, 1000, (PROMPT,), generator=torch.Generator().manual_see
 params = SamplingParams(max_tokens=NEW, ignore_eos=True)
 with torch.inference_mode():
     generate(llm.model, llm.tokenizer, ids[:16], params.replace(max_tokens=8))  # warm-up
-    c = time.process_time()
-    generate(llm.model, llm.tokenizer, ids, params.replace(max_tokens=1))
-    c1 = time.process_time() - c
-    c = time.process_time()
-    r = generate(llm.model, llm.tokenizer, ids, params)
-    cpu_ms = (time.process_time() - c - c1) / (NEW - 1) * 1e3
-print(json.dumps({"decode_tps": r.generation_tps, "cpu_ms_per_token": cpu_ms, "prefill_tps": r.prompt_tps,
-                  "load_s": load_s,
-                  "weights_gb": weights / 1e9, "peak_rss_gb": (peak_mb() - base) / 1e3,
-                  "ext": kernels.extension() is not None}))
+def measure():
+    with torch.inference_mode():
+        c = time.process_time()
+        generate(llm.model, llm.tokenizer, ids, params.replace(max_tokens=1))
+        c1 = time.process_time() - c
+        c = time.process_time()
+        r = generate(llm.model, llm.tokenizer, ids, params)
+        cpu_ms = (time.process_time() - c - c1) / (NEW - 1) * 1e3
+    return {"decode_tps": r.generation_tps, "cpu_ms_per_token": cpu_ms, "prefill_tps": r.prompt_tps,
+            "load_s": load_s, "weights_gb": weights / 1e9, "peak_rss_gb": (peak_mb() - base) / 1e3,
+            "ext": kernels.extension() is not None}
+serve(measure)
 '''
 
 LLAMA_CPP = RSS_HELPERS + '''
@@ -84,10 +87,12 @@ def run(n):
             break
     return first, time.perf_counter() - t, time.process_time() - cpu
 run(4)  # warm-up
-first, total, cpu = run(NEW)
-print(json.dumps({"decode_tps": (NEW - 1) / (total - first), "cpu_ms_per_token": cpu / (NEW - 1) * 1e3,
-                  "prefill_tps": PROMPT / first, "load_s": load_s,
-                  "weights_gb": os.path.getsize(sys.argv[1]) / 1e9, "peak_rss_gb": (peak_mb() - base) / 1e3}))
+def measure():
+    first, total, cpu = run(NEW)
+    return {"decode_tps": (NEW - 1) / (total - first), "cpu_ms_per_token": cpu / (NEW - 1) * 1e3,
+            "prefill_tps": PROMPT / first, "load_s": load_s, "weights_gb": os.path.getsize(sys.argv[1]) / 1e9,
+            "peak_rss_gb": (peak_mb() - base) / 1e3}
+serve(measure)
 '''.replace("import numpy as np", "import os\nimport numpy as np")
 
 
@@ -120,7 +125,8 @@ def main() -> None:
     ap.add_argument("--variants", default="bf16,int8,int4-g32,int4-g32+a8,int4-g32-e4g128,int4-g32-e4g128+a8")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--repeat", type=int, default=2, help="rounds of every engine, interleaved (medians)")
+    ap.add_argument("--repeat", type=int, default=4,
+                    help="rounds of every engine, alternating with its llama.cpp peer (medians)")
     args = ap.parse_args()
     os.environ["BENCH_THREADS"] = args.threads
     consts = f"PROMPT, NEW = {PROMPT_TOKENS}, {NEW_TOKENS}\n"
@@ -135,13 +141,26 @@ def main() -> None:
         ggufs = {p: gguf_of(path, p) for p in needed} if peers else {}
         ours: dict[str, list[dict]] = {v: [] for v in variants}
         theirs: dict[str, list[dict]] = {p: [] for p, g in ggufs.items() if g is not None}
-        for rnd in range(args.repeat):  # rounds interleave every engine: the machine's bandwidth drifts
-            for variant in variants:
-                print(f"[{shape}] pocketllama {variant} (round {rnd + 1}) ...", file=sys.stderr, flush=True)
-                ours[variant].append(run_json(consts + POCKETLLAMA, str(path), variant, args.threads))
-            for peer in theirs:
-                print(f"[{shape}] llama.cpp {peer} (round {rnd + 1}) ...", file=sys.stderr, flush=True)
-                theirs[peer].append(run_json(consts + LLAMA_CPP, str(ggufs[peer]), peer, args.threads))
+        groups: dict[str | None, list[str]] = {}  # the variants compared with one peer load together
+        for v in variants:
+            groups.setdefault(PEER_OF.get(v.removesuffix("+a8")), []).append(v)
+        for peer, members in groups.items():
+            workers = {}
+            for variant in members:  # each engine loads once and stays loaded through the rounds
+                print(f"[{shape}] loading pocketllama {variant} ...", file=sys.stderr, flush=True)
+                workers[variant] = (ours[variant], Worker(consts + POCKETLLAMA, str(path), variant, args.threads))
+            if peer in theirs:
+                print(f"[{shape}] loading llama.cpp {peer} ...", file=sys.stderr, flush=True)
+                workers[peer] = (theirs[peer], Worker(consts + LLAMA_CPP, str(ggufs[peer]), peer, args.threads))
+            try:
+                for rnd in range(args.repeat):  # rounds alternate the engines seconds apart: bandwidth drifts
+                    print(f"[{shape}] round {rnd + 1}/{args.repeat}: {', '.join(workers)}", file=sys.stderr,
+                          flush=True)
+                    for runs, worker in workers.values():
+                        runs.append(worker.run())
+            finally:
+                for _, worker in workers.values():
+                    worker.close()
         for variant, runs in ours.items():
             base = variant.removesuffix("+a8")
             row = {"shape": shape, "engine": "pocketllama", "variant": variant, **median_row(runs),
@@ -149,7 +168,7 @@ def main() -> None:
             peer_runs = theirs.get(PEER_OF.get(base), [])
             ratios = [o["decode_tps"] / t["decode_tps"] for o, t in zip(runs, peer_runs, strict=False)
                       if "decode_tps" in o and "decode_tps" in t]
-            if ratios:  # each round's ratio, from runs a minute apart
+            if ratios:  # each round's ratio, from runs seconds apart
                 row["vs llama.cpp"] = statistics.median(ratios)
                 row["ratio range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
             rows.append(row)

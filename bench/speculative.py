@@ -1,12 +1,13 @@
 """Speculative decoding and prompt caching: decode tokens/s with and without speculation, acceptance rate, and
 time to first token for a 2,000-token system prompt, cold vs cached. Each model in a fresh process that runs
-its modes interleaved (plain, drafted, ...) `--reps` times and reports medians: a load swing on a shared
-machine then hits every mode alike.
+its modes interleaved (plain, drafted, ...) `--reps` times; a speed-up is the median of each rep's ratio to the
+plain run just before it, so a load swing on a shared machine hits both sides of a ratio alike.
 
 Rows (greedy, so every speculative run must print the same tokens as plain decoding; `same` checks it):
 - 1b-bf16: Llama-3.2-1B-shaped random bf16 checkpoint, 128-token prompt, 64 new tokens: plain, self-int4
   draft, and a draft that never agrees (self-int4 shifted by one id: the fallback must hold the loss <= 5%).
-  The draft and target K/V caches, the draft's prompt prefill and the pauses all count in the tok/s.
+  The draft and target K/V caches, the draft's catch-up (a self-draft copies the target's K/V instead of
+  prefilling the prompt) and the pauses all count in the tok/s.
   Random weights give near-flat distributions that int4 noise reorders (acceptance ~0), so `oracle-A` rows
   pay the real int4 draft's cost but propose plain decoding's next token with probability A: the speed-up
   this machine gets at acceptance A, the number a real checkpoint's acceptance maps onto.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -68,6 +70,11 @@ class Shifted:  # a draft that pays the int4 model's cost and is always wrong
         self.inner.start(*a)
     def settle(self, n):
         self.inner.settle(n)
+    @property
+    def shares_kv(self):  # a self-draft takes the target's K/V (as self-int4 itself does), not a prefill
+        return getattr(self.inner, "shares_kv", False)
+    def adopt(self, cache, seq):
+        return self.inner.adopt(cache, seq)
     def propose(self, seq, k, dist, generated, g):
         out, q = self.inner.propose(seq, k, dist, generated, g)
         self.catchup = self.inner.catchup
@@ -201,7 +208,11 @@ def main() -> None:
             r = result.get(mode, {"error": result.get("error")})
             row = {"model": name, "draft": mode, **r}
             if mode != "plain" and "decode_tps" in r and "decode_tps" in ref:
-                row["speedup"] = r["decode_tps"] / ref["decode_tps"]
+                # each rep's ratio to the plain run just before it (seconds apart): the machine's load swings
+                # between reps hit both sides of a ratio alike
+                ratios = [a / b for a, b in zip(r["tps_runs"], ref["tps_runs"], strict=True)]
+                row["speedup"] = statistics.median(ratios)
+                row["speedup range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
                 row["same"] = r["out"] == ref["out"]
             decode_rows.append(row)
     if "ttft" in wanted:
@@ -211,7 +222,8 @@ def main() -> None:
             ttft_rows.append({"model": name, **r})
     meta = {"loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     if decode_rows:
-        print(table(decode_rows, ["model", "draft", "decode_tps", "speedup", "acceptance", "drafted", "accepted",
+        print(table(decode_rows, ["model", "draft", "decode_tps", "speedup", "speedup range", "acceptance", "drafted",
+                                  "accepted",
                                   "tokens", "same", "tps_runs", "ttft_s", "rss_mb", "error"]))
     if ttft_rows:
         print()
