@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="new tokens per decode run (SmolLM2: twice as many)")
     ap.add_argument("--system-tokens", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=3, help="decode runs per mode, interleaved; the median counts")
-    ap.add_argument("--modes-1b", default="plain,self-int4,bad-draft,oracle-0.8,oracle-0.9",
+    ap.add_argument("--modes-1b", default="plain,self-int4,bad-draft,oracle-0.8,oracle-0.9,oracle-0.95",
                     help="1b-bf16 modes (plain first)")
     args = ap.parse_args()
     os.environ["BENCH_THREADS"] = args.threads

@@ -256,7 +256,8 @@ class _StepContext:
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and h.device.type == "cpu"
                 and h.dtype in (torch.float32, torch.bfloat16, torch.float16) and cos.dtype == h.dtype
                 and self.cache.keys[0].dtype == h.dtype and self.positions.dtype == torch.long
-                and self.positions.is_contiguous() and ext is not None and hasattr(ext, "decode_layer"))
+                and self.positions.is_contiguous() and self.row_ids.dtype == torch.long
+                and self.row_ids.is_contiguous() and ext is not None and hasattr(ext, "decode_layer"))
         return self._one_call
 
     @property
