@@ -183,7 +183,8 @@ class _DecodePlan:
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         self.tensors: list[torch.Tensor | None] | None = None
         if (type(attn) is LlamaAttention and type(mlp) is LlamaMLP and all(type(n) is RMSNorm for n in norms)
-                and norms[0].eps == norms[1].eps and attn.head_dim % 16 == 0):
+                and norms[0].eps == norms[1].eps and attn.head_dim % 16 == 0
+                and attn.head_dim <= 256):
             qkv = fusion_for(attn, "_fused_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])  # fuses first: the
             gate_up = fusion_for(mlp, "_fused_gate_up", [mlp.gate_proj, mlp.up_proj])  # originals become views
             projs = [_projection(m) for m in (getattr(qkv, "fused", None), attn.o_proj, getattr(gate_up, "fused", None),

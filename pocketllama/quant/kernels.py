@@ -183,7 +183,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k:
     (B,), then attend q (B, T, H*hd) causally by position -> (B, T, H*hd), in one C++ call; None (nothing
     written: the caller runs the eager path) where the kernel does not apply."""
     ext = _glue_ext(q, k, v, cache_k, cache_v)
-    if (ext is None or not hasattr(ext, "decode_attention") or head_dim % 16 or torch.compiler.is_compiling()
+    if (ext is None or not hasattr(ext, "decode_attention") or head_dim % 16 or head_dim > 256
+            or torch.compiler.is_compiling()
             or any(t.stride(-1) != 1 for t in (q, k, v)) or not (cache_k.is_contiguous() and cache_v.is_contiguous())):
         return None
     return ext.decode_attention(q, k, v, cache_k, cache_v, rows.contiguous(), positions.contiguous(),

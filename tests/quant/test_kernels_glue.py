@@ -108,15 +108,17 @@ def _reference_attention(q, k, v, cache_k, cache_v, rows, positions, hd):
     return (probs @ V).transpose(1, 2).reshape(B, T, H * hd)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_writes_the_cache_and_matches_eager_attention(dtype):
+@pytest.mark.parametrize("hd", [64, 128, 32])  # the kernel's two fixed head sizes and its general path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_attention_writes_the_cache_and_matches_eager_attention(dtype, hd):
     g = torch.Generator().manual_seed(2)
-    B, T, H, KV, hd, S = 2, 3, 8, 2, 64, 40
+    B, T, H, KV, S = 2, 3, 8, 2, 80
     fused = torch.randn(B, T, (H + 2 * KV) * hd, generator=g).to(dtype)  # q | k | v as views of one output
     q, k, v = fused.split([H * hd, KV * hd, KV * hd], dim=-1)
     cache_k, cache_v = torch.randn(3, KV, S, hd, generator=g).to(dtype), torch.randn(3, KV, S, hd, generator=g).to(dtype)
     ref_k, ref_v = cache_k.clone(), cache_v.clone()
-    rows, positions = torch.tensor([2, 0]), torch.tensor([[5, 6, 7], [20, 21, 22]])  # later queries see earlier ones
+    # later queries see earlier ones; 6-8 keys take the one-key tail, 66-68 four 16-key blocks and the tail
+    rows, positions = torch.tensor([2, 0]), torch.tensor([[5, 6, 7], [65, 66, 67]])
     with torch.inference_mode():
         out = kernels.decode_attention(q, k, v, cache_k, cache_v, rows, positions, hd)
     want = _reference_attention(q, k, v, ref_k, ref_v, rows, positions, hd)

@@ -17,6 +17,7 @@
 #include "ops.h"
 #include "simd.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -27,6 +28,94 @@ using pocketllama::load16;
 
 template <typename T>
 inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+// 16 values rounded to T (nearest even) and back to fp32, as round_to<T> lane by lane.
+template <typename T>
+inline __m512 round_vec(__m512 x) {
+  alignas(64) float v[16];
+  _mm512_store_ps(v, x);
+  for (float& e : v) e = round_to<T>(e);
+  return _mm512_load_ps(v);
+}
+template <>
+inline __m512 round_vec<float>(__m512 x) { return x; }
+template <>
+inline __m512 round_vec<c10::Half>(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)); }
+
+// v[j] -> lane j of the result holds the sum of v[j]'s lanes: 16 horizontal sums as one transposed reduction.
+inline __m512 hsum16(const __m512* v) {
+  __m512 w[8], u[4], z[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the four vectors' lane sums
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// e^x for x <= 0 (softmax numerators): 2^n e^r with |r| <= ln2 / 2 and a degree-7 Taylor polynomial
+// (relative error < 1e-8, under half an fp32 ulp before rounding).
+inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));  // e^-103 is below the smallest fp32 subnormal
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One query row against n cached keys/values of its kv head: out = softmax(round(round(q.k) * sc)) v, the
+// probabilities rounded to T before the weighted sum (HF eager). HD: head_dim / 16 (0: any).
+template <typename T, int HD>
+void attend_row(const float* qf, const T* keys, const T* vals, int64_t n, int64_t hd, float sc, float* p, T* orow) {
+  const int64_t chunks = HD ? HD : hd / 16;
+  float top = -INFINITY;
+  __m512 tops = _mm512_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 16 <= n; s += 16) {  // 16 keys at a time
+    __m512 a[16];
+    for (int j = 0; j < 16; ++j) {
+      a[j] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c)
+        a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + 16 * c), load16(keys + (s + j) * hd + 16 * c), a[j]);
+    }
+    const __m512 x = round_vec<T>(_mm512_mul_ps(round_vec<T>(hsum16(a)), _mm512_set1_ps(sc)));
+    _mm512_storeu_ps(p + s, x);
+    tops = _mm512_max_ps(tops, x);
+  }
+  for (; s < n; ++s) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + 16 * c), load16(keys + s * hd + 16 * c), a);
+    p[s] = round_to<T>(round_to<T>(_mm512_reduce_add_ps(a)) * sc);
+    top = p[s] > top ? p[s] : top;
+  }
+  top = std::max(top, _mm512_reduce_max_ps(tops));
+  __m512 sums = _mm512_setzero_ps();
+  for (s = 0; s < n; s += 16) {
+    const __mmask16 m = pocketllama::tail(n - s);
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + s), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(p + s, m, e);
+    sums = _mm512_mask_add_ps(sums, m, sums, e);
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(sums);
+  __m512 acc[HD ? HD : 16];
+  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+  for (s = 0; s < n; ++s) {
+    const __m512 w = _mm512_set1_ps(round_to<T>(p[s] * inv));
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(w, load16(vals + s * hd + 16 * c), acc[c]);
+  }
+  alignas(64) float o[16];
+  for (int64_t c = 0; c < chunks; ++c) {
+    _mm512_store_ps(o, acc[c]);
+    for (int d = 0; d < 16; ++d) orow[16 * c + d] = static_cast<T>(o[d]);
+  }
+}
 
 template <typename T>
 void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& ck, at::Tensor& cv,
@@ -51,9 +140,11 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         std::memcpy(slot(CV, R[b], h, pos), Vn + b * v.stride(0) + t * v.stride(1) + h * hd, hd * sizeof(T));
       }
   // 2. one work item per (row, head, query)
+  int64_t longest = 1;
+  for (int64_t i = 0; i < B * T_; ++i) longest = std::max(longest, P[i] + 1);
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * H * T_, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf(hd), acc(hd), p(S);
+    std::vector<float> qf(hd), p((longest + 15) / 16 * 16);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (H * T_), h = i / T_ % H, t = i % T_;
       const int64_t n = P[b * T_ + t] + 1, kvh = h / G;
@@ -61,28 +152,10 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
       for (int64_t d = 0; d < hd; ++d) qf[d] = static_cast<float>(qrow[d]);
       const T* keys = slot(CK, R[b], kvh, 0);
       const T* vals = slot(CV, R[b], kvh, 0);
-      float top = -INFINITY;
-      for (int64_t s = 0; s < n; ++s) {
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t d = 0; d < hd; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf.data() + d), load16(keys + s * hd + d), a);
-        const float x = round_to<T>(round_to<T>(_mm512_reduce_add_ps(a)) * sc);
-        p[s] = x;
-        top = x > top ? x : top;
-      }
-      float sum = 0.f;
-      for (int64_t s = 0; s < n; ++s) {
-        p[s] = std::exp(p[s] - top);
-        sum += p[s];
-      }
-      const float inv = 1.f / sum;
-      for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(acc.data() + d, _mm512_setzero_ps());
-      for (int64_t s = 0; s < n; ++s) {
-        const __m512 w = _mm512_set1_ps(round_to<T>(p[s] * inv));
-        for (int64_t d = 0; d < hd; d += 16)
-          _mm512_storeu_ps(acc.data() + d, _mm512_fmadd_ps(w, load16(vals + s * hd + d), _mm512_loadu_ps(acc.data() + d)));
-      }
       T* orow = O + (b * T_ + t) * H * hd + h * hd;
-      for (int64_t d = 0; d < hd; ++d) orow[d] = static_cast<T>(acc[d]);
+      if (hd == 64) attend_row<T, 4>(qf.data(), keys, vals, n, hd, sc, p.data(), orow);
+      else if (hd == 128) attend_row<T, 8>(qf.data(), keys, vals, n, hd, sc, p.data(), orow);
+      else attend_row<T, 0>(qf.data(), keys, vals, n, hd, sc, p.data(), orow);
     }
   });
 }
@@ -94,9 +167,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.is_contiguous() && cache_v.is_contiguous() &&
               cache_k.sizes() == cache_v.sizes(), "decode_attention: cache buffers (Bc, KV, S, hd), contiguous");
   const int64_t B = q.size(0), T_ = q.size(1), KV = cache_k.size(1), hd = cache_k.size(3);
-  TORCH_CHECK(hd % 16 == 0 && q.size(2) % (KV * hd) == 0 && k.size(2) == KV * hd && v.size(2) == KV * hd &&
+  TORCH_CHECK(hd % 16 == 0 && hd <= 256 && q.size(2) % (KV * hd) == 0 && k.size(2) == KV * hd && v.size(2) == KV * hd &&
               k.size(0) == B && v.size(0) == B && k.size(1) == T_ && v.size(1) == T_,
-              "decode_attention: head_dim % 16 == 0 and q/k/v heads matching the cache");
+              "decode_attention: head_dim % 16 == 0 (at most 256) and q/k/v heads matching the cache");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == B &&
               positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == B * T_,
               "decode_attention: rows (B,) and positions (B, T) int64, contiguous");

@@ -6,6 +6,7 @@
 // Arithmetic is fp32 (weights exact, fp32 accumulation), so results match a dequantized fp32 matmul up to
 // summation order. Rows are split across PyTorch's intra-op threads (at::parallel_for).
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <c10/util/BFloat16.h>
@@ -226,13 +227,16 @@ inline void bf16_tile(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloa
 }
 
 inline void bf16_tiles(const c10::BFloat16* x, const c10::BFloat16* w, c10::BFloat16* y, int64_t M, int64_t K, int64_t N) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) bf16_tile<4>(x + m * K, w, y + m * N, K, N);
-  switch (M - m) {
-    case 3: bf16_tile<3>(x + m * K, w, y + m * N, K, N); break;
-    case 2: bf16_tile<2>(x + m * K, w, y + m * N, K, N); break;
-    case 1: bf16_tile<1>(x + m * K, w, y + m * N, K, N); break;
-    default: break;
+  for (int64_t m = 0; m < M;) {
+    // a tile of one x row has only 4 independent accumulation chains (latency-bound): 5 rows go as 3 + 2
+    const int64_t take = M - m == 5 ? 3 : std::min<int64_t>(4, M - m);
+    switch (take) {
+      case 4: bf16_tile<4>(x + m * K, w, y + m * N, K, N); break;
+      case 3: bf16_tile<3>(x + m * K, w, y + m * N, K, N); break;
+      case 2: bf16_tile<2>(x + m * K, w, y + m * N, K, N); break;
+      default: bf16_tile<1>(x + m * K, w, y + m * N, K, N); break;
+    }
+    m += take;
   }
 }
 
