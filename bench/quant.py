@@ -25,9 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LLAMA_32_1B, LLAMA_32_3B, RSS_HELPERS, Worker, has_module, random_checkpoint, save, table  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 64
-RELEASE_GB = {"1b": {"bf16": 2.5, "int8": 1.25, "int4-g32": 0.75, "int4-g32-e4g128": 0.75},  # HF blog: BF16 /
-              "3b": {"bf16": 6.5, "int8": 3.2, "int4-g32": 1.75, "int4-g32-e4g128": 1.75}}  # FP8 / INT4 columns
-PEER_OF = {"bf16": "F16", "int8": "Q8_0", "int4-g32": "Q4_0", "int4-g32-e4g128": "Q4_0"}
+RELEASE_GB = {"1b": {"bf16": 2.5, "int8": 1.25, "int4": 0.75},  # HF blog: BF16 / FP8 / INT4 columns (SPEC 8)
+              "3b": {"bf16": 6.5, "int8": 3.2, "int4": 1.75}}
+PEER_OF = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}  # by kind: every int4 recipe faces Q4_0
+
+
+def kind_of(variant: str) -> str:
+    """"int4-g32-e4g128+a8" -> "int4": the release-table column and llama.cpp peer of a variant."""
+    return variant.split("-")[0].removesuffix("+a8")
+
 
 POCKETLLAMA = RSS_HELPERS + '''
 import torch
@@ -137,13 +143,13 @@ def main() -> None:
     for shape in args.shapes.split(","):
         path = random_checkpoint(f"llama-3.2-{shape}", {"1b": LLAMA_32_1B, "3b": LLAMA_32_3B}[shape])
         variants = args.variants.split(",")
-        needed = dict.fromkeys(PEER_OF[v.removesuffix("+a8")] for v in variants if v.removesuffix("+a8") in PEER_OF)
+        needed = dict.fromkeys(PEER_OF[kind_of(v)] for v in variants if kind_of(v) in PEER_OF)
         ggufs = {p: gguf_of(path, p) for p in needed} if peers else {}
         ours: dict[str, list[dict]] = {v: [] for v in variants}
         theirs: dict[str, list[dict]] = {p: [] for p, g in ggufs.items() if g is not None}
         groups: dict[str | None, list[str]] = {}  # the variants compared with one peer load together
         for v in variants:
-            groups.setdefault(PEER_OF.get(v.removesuffix("+a8")), []).append(v)
+            groups.setdefault(PEER_OF.get(kind_of(v)), []).append(v)
         for peer, members in groups.items():
             workers = {}
             for variant in members:  # each engine loads once and stays loaded through the rounds
@@ -162,10 +168,9 @@ def main() -> None:
                 for _, worker in workers.values():
                     worker.close()
         for variant, runs in ours.items():
-            base = variant.removesuffix("+a8")
             row = {"shape": shape, "engine": "pocketllama", "variant": variant, **median_row(runs),
-                   "release_gb": RELEASE_GB[shape].get(base)}
-            peer_runs = theirs.get(PEER_OF.get(base), [])
+                   "release_gb": RELEASE_GB[shape].get(kind_of(variant))}
+            peer_runs = theirs.get(PEER_OF.get(kind_of(variant)), [])
             ratios = [o["decode_tps"] / t["decode_tps"] for o, t in zip(runs, peer_runs, strict=False)
                       if "decode_tps" in o and "decode_tps" in t]
             if ratios:  # each round's ratio, from runs seconds apart
