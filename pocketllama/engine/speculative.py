@@ -152,9 +152,10 @@ class _Controller:
     each failed try.
 
     Drafting starts, and restarts after each pause, with a probe: one round of a single draft, the cheapest
-    that measures anything. It forgets the old acceptance and replaces the draft's cost by a fresh
-    measurement, so one slow or unlucky round cannot stop drafting for the rest of a request, and a draft
-    that never agrees costs one single-token round per pause."""
+    that measures anything. It forgets the old acceptance and takes a cheaper measured draft cost at once,
+    so one slow or unlucky round cannot stop drafting for the rest of a request, and a draft that never
+    agrees costs one single-token round per pause. Slower measurements only blend in, and one verification
+    counts at most as 1.5x the fitted cost: a load burst on a shared machine does not stop a paying draft."""
 
     PRIOR = (0.8, 1.0)  # (accepted, tested): a = 0.8, worth one token: a probe's outcome decides
     DECAY = 0.9
@@ -225,9 +226,15 @@ class _Controller:
         self.tested = self.DECAY * self.tested + accepted + (accepted < k)  # drafts after a rejection are untested
         if draft_seconds is not None:
             per = draft_seconds / k
-            self.t_draft = per if self.t_draft is None or self.probing else 0.8 * self.t_draft + 0.2 * per
+            if self.t_draft is None:
+                self.t_draft = per
+            else:  # a probe that finds the draft cheaper replaces a stale estimate; a dearer one only blends in
+                blended = 0.8 * self.t_draft + 0.2 * per
+                self.t_draft = min(per, blended) if self.probing else blended
             self.probing = False
         x = k + 1.0
+        if self.fit[0] >= 2:  # one burst (a neighbour, a page fault) counts at most as a 1.5x slower round
+            verify_seconds = min(verify_seconds, 1.5 * self.verify_cost(k))
         self.fit = [self.DECAY * s + v for s, v in zip(self.fit, (1.0, x, verify_seconds, x * x, x * verify_seconds),
                                                        strict=True)]
 

@@ -361,6 +361,19 @@ def test_a_slow_first_round_does_not_stop_drafting_for_good():
     assert ctl.t_draft == pytest.approx(0.002) and ctl.choose() >= 2
 
 
+def test_one_slow_verification_does_not_pause_a_paying_draft():
+    """A neighbour's burst during one round (10x the verification time) must not flip the cost model."""
+    ctl = _Controller(k_max=8, adaptive=True)
+    ctl.record_plain(0.010)
+    ctl.record_plain(0.010)
+    assert ctl.choose() == 1
+    for k in (1, 3, 4, 4):
+        ctl.record_round(k, k, draft_seconds=0.002 * k, verify_seconds=0.010 + 0.0006 * k)
+    assert ctl.choose() >= 2
+    ctl.record_round(4, 4, draft_seconds=0.008, verify_seconds=0.130)
+    assert ctl.choose() >= 2 and ctl.pause == 0
+
+
 def test_controller_drafts_more_when_acceptance_is_high():
     ctl = _Controller(k_max=8, adaptive=True)
     ctl.record_plain(0.010)
