@@ -1,6 +1,6 @@
 """The optional C++ CPU kernels (csrc/*.cpp, AVX-512: GEMVs, dequantization, RMSNorm, rotary, decode
-attention, a whole decoder layer for decode steps), built with the machine's compiler at first use and cached under ~/.cache/pocketllama; None (the
-pure-torch paths run instead) when they cannot be built.
+attention, a whole decoder layer for decode steps), built with the machine's compiler at first use and
+cached under ~/.cache/pocketllama; None (the pure-torch paths run instead) when they cannot be built.
 
 POCKETLLAMA_NO_EXT=1 disables them.
 """

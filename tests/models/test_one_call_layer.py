@@ -4,6 +4,8 @@ the same bits as the module-by-module path for every projection kind, and a plan
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -51,22 +53,28 @@ def counted(monkeypatch):
     return counter
 
 
-def _steps(model, one_call: bool, rows: int = 2, widths=(1, 2, 1, 3)) -> list[torch.Tensor]:
-    """Prefill 9 tokens per row, then decode steps of `widths` tokens; logits of every step."""
+@contextlib.contextmanager
+def _layers(one_call: bool):
+    """Decode with the C++ layer (True) or module by module (False), restoring the default afterwards."""
     llama.ONE_CALL_LAYERS = one_call
     try:
+        yield
+    finally:
+        llama.ONE_CALL_LAYERS = True
+
+
+def _steps(model, one_call: bool, rows: int = 2, widths=(1, 2, 1, 3)) -> list[torch.Tensor]:
+    """Prefill 9 tokens per row, then decode steps of `widths` tokens; logits of every step."""
+    with _layers(one_call), torch.inference_mode():
         cache = model.make_cache(rows, 64)
         g = torch.Generator().manual_seed(0)
         out, pos = [], 9
-        with torch.inference_mode():
-            model(torch.randint(0, 320, (rows, 9), generator=g), cache=cache)
-            for w in widths:
-                ids = torch.randint(0, 320, (rows, w), generator=g)
-                out.append(model(ids, torch.arange(pos, pos + w).expand(rows, -1).contiguous(), cache))
-                pos += w
+        model(torch.randint(0, 320, (rows, 9), generator=g), cache=cache)
+        for w in widths:
+            ids = torch.randint(0, 320, (rows, w), generator=g)
+            out.append(model(ids, torch.arange(pos, pos + w).expand(rows, -1).contiguous(), cache))
+            pos += w
         return out
-    finally:
-        llama.ONE_CALL_LAYERS = True
 
 
 def _assert_same(model) -> None:
@@ -95,14 +103,12 @@ def test_batched_rows_of_a_larger_cache(wide_llama_dir):
     model, _ = load_model(wide_llama_dir, dtype="float32")
     outs = []
     for flag in (True, False):
-        llama.ONE_CALL_LAYERS = flag
-        cache = model.make_cache(3, 32)
-        with torch.inference_mode():
+        with _layers(flag), torch.inference_mode():
+            cache = model.make_cache(3, 32)
             model(torch.arange(30).view(3, 10) + 5, cache=cache)
             rows = torch.tensor([2, 0])
             outs.append(model(torch.tensor([[7], [8]]), torch.tensor([[10], [10]]), cache, cache_rows=rows))
             outs.append(cache.keys[1][:, :, :11].clone())
-    llama.ONE_CALL_LAYERS = True
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
 
 
