@@ -36,7 +36,8 @@ def plan_for_recipe(recipe: Recipe, shapes: dict[str, tuple[int, ...]], tied: bo
 
 
 def plan_for_gguf(checkpoint: Any) -> Plan:
-    """Keep Q8_0 as int8 (group 32) and Q4_0/Q4_1 as int4 (group 32); other types load as float."""
+    """Keep Q8_0 as int8 (group 32) and Q4_0 / Q4_1 as symmetric / asymmetric int4 (group 32); other types
+    load as float."""
     from gguf import GGMLQuantizationType as QT
 
     plan: Plan = {}
@@ -49,7 +50,7 @@ def plan_for_gguf(checkpoint: Any) -> Plan:
         if kind == QT.Q8_0:
             plan[module] = QSpec("int8", GGML_BLOCK)
         elif kind in (QT.Q4_0, QT.Q4_1) and role(module) != "embedding" and shape[0] % INT4_ROW_MULTIPLE == 0:
-            plan[module] = QSpec("int4", GGML_BLOCK)
+            plan[module] = QSpec("int4", GGML_BLOCK, symmetric=kind == QT.Q4_0)  # Q4_0 has no offsets
     return plan
 
 
@@ -72,8 +73,8 @@ def quantize_weight(w: torch.Tensor, spec: QSpec, scale_dtype: torch.dtype,
         if spec.kind == "int8":
             parts = dict(zip(("weight", "scales"), quantize_int8(chunk, spec.group_size, scale_dtype), strict=True))
         else:
-            parts = dict(zip(("weight", "scales", "zeros"), quantize_int4(chunk, spec.group_size, scale_dtype),
-                             strict=True))
+            q, s, z = quantize_int4(chunk, spec.group_size, scale_dtype, spec.symmetric)
+            parts = {"weight": q, "scales": s} if z is None else {"weight": q, "scales": s, "zeros": z}
         if rows_done is not None:
             rows_done(r0, min(n, r0 + rows))
         if rows >= n:
@@ -109,13 +110,16 @@ def quantized_module(old: nn.Module, spec: QSpec) -> nn.Module:
     device = old.weight.device
     if isinstance(old, nn.Embedding):  # a tied model's table also serves the output projection (`attend`)
         table = Int8Embedding if spec.kind == "int8" else Int4Embedding
-        return table(old.num_embeddings, old.embedding_dim, spec.group_size, device=device)
+        if spec.kind == "int8":
+            return table(old.num_embeddings, old.embedding_dim, spec.group_size, device=device)
+        return table(old.num_embeddings, old.embedding_dim, spec.group_size, device=device, symmetric=spec.symmetric)
     if not isinstance(old, nn.Linear):
         raise TypeError(f"cannot quantize a {type(old).__name__}; expected nn.Linear or nn.Embedding")
     bias = old.bias is not None
     if spec.kind == "int8":
         return Int8Linear(old.in_features, old.out_features, bias, spec.group_size, device=device)
-    return Int4Linear(old.in_features, old.out_features, bias, spec.group_size, device=device)
+    return Int4Linear(old.in_features, old.out_features, bias, spec.group_size, device=device,
+                      symmetric=spec.symmetric)
 
 
 def swap_modules(model: nn.Module, plan: Plan) -> nn.Module:

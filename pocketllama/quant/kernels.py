@@ -270,9 +270,9 @@ def grouped_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
             layout: str = "canonical") -> torch.Tensor:
-    """x (M, K) @ dequant(int4 weight (N, K/2), scales/zeros (N, G)).T -> (M, N); weight in the `layout`
+    """x (M, K) @ dequant(int4 weight (N, K/2), scales/zeros (N, G); zeros None: symmetric).T -> (M, N); weight in the `layout`
     "canonical", "interleaved" (the C++ kernels' row blocks) or "groups".
 
     "groups" is the int8-activation mode: decode-sized x is quantized to int8 per 32 values (llama.cpp's
@@ -309,7 +309,7 @@ def _row_dequantizer(kind: str, weight: torch.Tensor, scales: torch.Tensor, zero
              deinterleave(weight, kind, r0, r1) if layout == "interleaved" else weight[r0:r1])
         if kind == "int8":
             return _deq_int8(w, scales[r0:r1], x.dtype)
-        return _deq_int4(w, scales[r0:r1], zeros[r0:r1], x.dtype)
+        return _deq_int4(w, scales[r0:r1], None if zeros is None else zeros[r0:r1], x.dtype)
     return dequant
 
 
@@ -319,10 +319,13 @@ def _deq_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
     return (weight.to(dtype).view(n, g, k // g) * scales.to(dtype)[..., None]).view(n, k)
 
 
-def _deq_int4(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _deq_int4(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+              dtype: torch.dtype) -> torch.Tensor:
     q = unpack_int4(weight)
     n, k = q.shape
     g = scales.shape[1]
+    if zeros is None:  # symmetric: one rounding, as the C++ fma with a zero addend
+        return ((q.to(dtype).view(n, g, k // g) - 8) * scales.to(dtype)[..., None]).view(n, k)
     w = torch.addcmul(zeros.to(dtype)[..., None], q.to(dtype).view(n, g, k // g) - 8, scales.to(dtype)[..., None])
     return w.view(n, k)
 

@@ -70,7 +70,7 @@ def _gb(n: int) -> str:
 
 def _label(spec: QSpec) -> str:
     if spec.kind == "int4":
-        return f"int4-g{spec.group_size}"
+        return f"int4-g{spec.group_size}" + ("-sym" if spec.symmetric else "")
     return "int8" if spec.group_size is None else f"int8-g{spec.group_size}"
 
 
@@ -91,7 +91,7 @@ def weight_bytes(shapes: dict[str, tuple[int, ...]], plan: dict[str, QSpec], dty
             groups = 1 if spec.group_size is None else shape[1] // spec.group_size
             label = _label(spec)
             qbytes = numel if spec.kind == "int8" else numel // 2
-            nbytes = qbytes + shape[0] * groups * size * (1 if spec.kind == "int8" else 2)
+            nbytes = qbytes + shape[0] * groups * size * (1 if spec.kind == "int8" or spec.symmetric else 2)
         else:
             label, nbytes = _DTYPE_NAMES.get(dtype, str(dtype)), numel * size
         out[label] = out.get(label, 0) + nbytes

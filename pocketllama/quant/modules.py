@@ -87,11 +87,11 @@ class _QuantModule(nn.Module):
     def _int8_weight(self) -> torch.Tensor:
         return kernels.deinterleave(self.weight, "int8") if self.layout == "interleaved" else self.weight
 
-    def _store(self, **tensors: torch.Tensor) -> None:
+    def _store(self, **tensors: torch.Tensor | None) -> None:
         for name in [n for n in self._buffers if n != "bias"]:
             del self._buffers[name]
         for name, t in tensors.items():  # big CPU buffers move to huge pages: decode streams them faster
-            self.register_buffer(name, to_huge(t) if t.device.type == "cpu" else t)
+            self.register_buffer(name, to_huge(t) if t is not None and t.device.type == "cpu" else t)
 
 
 class Int8Linear(_QuantModule):
@@ -144,41 +144,54 @@ class Int8Linear(_QuantModule):
 
 class _Int4Module(_QuantModule):
     """Int4 groupwise buffers shared by `Int4Linear` and `Int4Embedding`: the checkpoint holds the canonical
-    parts (weight uint8 (N, K/2), scales (N, K // group), zeros (N, K // group)); memory may hold the C++
-    kernels' interleaved rows, their "groups" layout (int8 activations) or (where `_native_ok`) PyTorch's
-    int4 CPU layout."""
+    parts (weight uint8 (N, K/2), scales (N, K // group), zeros (N, K // group), no zeros when `symmetric`);
+    memory may hold the C++ kernels' interleaved rows, their "groups" layout (int8 activations) or (where
+    `_native_ok`) PyTorch's int4 CPU layout."""
 
     group_size: int
+    symmetric = False  # w = (q - 8) * scales: no zeros (`zeros` is None)
     _native_ok = True  # PyTorch's packed layout cannot look rows up, so tables keep canonical rows instead
     # "int8": decode-sized inputs are quantized to int8 for the multiply (`set_int8_activations`); None: exact
     activations: str | None = None
 
     def _state_layout(self):
         n, k, g = self.out_features, self.in_features, self.in_features // self.group_size
-        return {"weight": ((n, k // 2), "uint8"), "scales": ((n, g), "float"), "zeros": ((n, g), "float")}
+        parts = {"weight": ((n, k // 2), "uint8"), "scales": ((n, g), "float")}
+        return parts if self.symmetric else {**parts, "zeros": ((n, g), "float")}
 
-    def _set(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+    def _init_buffers(self, n: int, k: int, group_size: int, symmetric: bool, device, dtype) -> None:
+        self.group_size, self.symmetric, self.layout = group_size, symmetric, "canonical"
+        float_dtype = dtype or torch.float32
+        self.register_buffer("weight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(n, k // group_size, dtype=float_dtype, device=device))
+        self.register_buffer("zeros", None if symmetric else
+                             torch.empty(n, k // group_size, dtype=float_dtype, device=device))
+
+    def _set(self, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
+        if (zeros is None) != self.symmetric:
+            raise ValueError(f"{type(self).__name__}: {'symmetric int4 takes no zeros' if self.symmetric else 'zeros missing'}")
+        zeros = None if zeros is None else zeros.to(scales.dtype)
         cpu = weight.device.type == "cpu"
         n, k, groups = self.out_features, self.in_features, scales.shape[1]
         if (cpu and kernels.extension() is not None and kernels.can_interleave("int4", n, k)
                 and (k // groups) % 32 == 0 and groups <= 1024):
             if self.activations == "int8" and kernels.has_int8_activations():
                 self.layout = "groups"
-                self._store(weight=kernels.interleave_groups(weight), scales=scales, zeros=zeros.to(scales.dtype))
+                self._store(weight=kernels.interleave_groups(weight), scales=scales, zeros=zeros)
                 return
             self.layout = "interleaved"
-            self._store(weight=kernels.interleave(weight, "int4"), scales=scales, zeros=zeros.to(scales.dtype))
+            self._store(weight=kernels.interleave(weight, "int4"), scales=scales, zeros=zeros)
         elif (cpu and self._native_ok and scales.dtype == torch.bfloat16 and kernels.extension() is None
               and kernels.has_native_int4()):
             self.layout = "native"
-            self._store(weight=kernels.native_int4_pack(weight),
-                        scales_and_zeros=kernels.native_scales_and_zeros(scales, zeros))
+            self._store(weight=kernels.native_int4_pack(weight), scales_and_zeros=kernels.native_scales_and_zeros(
+                scales, torch.zeros_like(scales) if zeros is None else zeros))
         else:
             self.layout = "canonical"
-            self._store(weight=weight, scales=scales, zeros=zeros.to(scales.dtype))
+            self._store(weight=weight, scales=scales, zeros=zeros)
 
-    def canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weight (N, K/2) uint8, scales (N, G), zeros (N, G)) in the checkpoint layout."""
+    def canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(weight (N, K/2) uint8, scales (N, G), zeros (N, G) or None (symmetric)) in the checkpoint layout."""
         if self.layout == "canonical":
             return self.weight, self.scales, self.zeros
         if self.layout == "interleaved":
@@ -187,10 +200,11 @@ class _Int4Module(_QuantModule):
             return kernels.deinterleave_groups(self.weight), self.scales, self.zeros
         sz = self.scales_and_zeros  # (G, N, 2)
         weight = kernels.native_int4_unpack(self.weight, self.out_features, self.in_features)
-        return weight, sz[..., 0].T.contiguous(), sz[..., 1].T.contiguous()
+        return weight, sz[..., 0].T.contiguous(), None if self.symmetric else sz[..., 1].T.contiguous()
 
     def canonical_state(self) -> dict[str, torch.Tensor]:
-        return dict(zip(("weight", "scales", "zeros"), self.canonical(), strict=True))
+        parts = dict(zip(("weight", "scales", "zeros"), self.canonical(), strict=True))
+        return {k: v for k, v in parts.items() if v is not None}
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w, s, z = self.canonical()
@@ -198,31 +212,29 @@ class _Int4Module(_QuantModule):
 
 
 class Int4Linear(_Int4Module):
-    """y = x @ ((q - 8) * scales + zeros).T + bias with int4 q in groups of `group_size` along K.
+    """y = x @ ((q - 8) * scales + zeros).T + bias with int4 q in groups of `group_size` along K (no zeros
+    when `symmetric`).
 
     The weight stays canonical for pocketllama's C++ kernel and the dequantize-then-matmul path; without the
     C++ kernel, bfloat16 scales repack it for PyTorch's vectorized int4 kernel (`layout == "native"`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 symmetric: bool = False) -> None:
         super().__init__()
         if in_features % group_size:
             raise ValueError(f"Int4Linear: in_features {in_features} is not a multiple of group_size {group_size}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        groups = in_features // group_size
-        self.layout = "canonical"
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype or torch.float32, device=device))
-        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype or torch.float32, device=device))
+        self.in_features, self.out_features = in_features, out_features
+        self._init_buffers(out_features, in_features, group_size, symmetric, device, dtype)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
-        q, s, z = quantize_int4(linear.weight, group_size, scale_dtype=linear.weight.dtype)
+    def from_float(cls, linear: nn.Linear, group_size: int = 32, symmetric: bool = False) -> Int4Linear:
+        q, s, z = quantize_int4(linear.weight, group_size, scale_dtype=linear.weight.dtype, symmetric=symmetric)
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
-                device=linear.weight.device, dtype=linear.weight.dtype)
+                device=linear.weight.device, dtype=linear.weight.dtype, symmetric=symmetric)
         m._set(weight=q, scales=s, zeros=z)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -242,7 +254,8 @@ class Int4Linear(_Int4Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"layout={self.layout}" + (f", activations={self.activations}" if self.activations else ""))
+                f"layout={self.layout}" + (", symmetric=True" if self.symmetric else "")
+                + (f", activations={self.activations}" if self.activations else ""))
 
 
 class Int8Embedding(_QuantModule):
@@ -299,34 +312,29 @@ class Int8Embedding(_QuantModule):
 
 
 class Int4Embedding(_Int4Module):
-    """Token table in int4 groups along D: weight uint8 (V, D/2), scales and zeros (V, D // group). `forward`
+    """Token table in int4 groups along D: weight uint8 (V, D/2), scales and zeros (V, D // group; no zeros when
+    `symmetric`). `forward`
     dequantizes only the looked-up rows; `attend(h)` projects hidden states onto the vocabulary with the same
     table (tied output) through the int4 kernels (the C++ GEMV for decode rows)."""
 
     _native_ok = False
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 32,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 symmetric: bool = False) -> None:
         super().__init__()
         if embedding_dim % group_size:
             raise ValueError(f"Int4Embedding: embedding_dim {embedding_dim} is not a multiple of group_size "
                              f"{group_size}; choose a group size that divides it or an int8 table")
-        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.in_features, self.out_features = embedding_dim, num_embeddings
-        groups = embedding_dim // group_size
-        self.layout = "canonical"
-        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8,
-                                                   device=device))
-        self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=dtype or torch.float32,
-                                                   device=device))
-        self.register_buffer("zeros", torch.empty(num_embeddings, groups, dtype=dtype or torch.float32,
-                                                  device=device))
+        self._init_buffers(num_embeddings, embedding_dim, group_size, symmetric, device, dtype)
 
     @classmethod
-    def from_float(cls, embedding: nn.Embedding, group_size: int = 32) -> Int4Embedding:
-        q, s, z = quantize_int4(embedding.weight, group_size, scale_dtype=embedding.weight.dtype)
+    def from_float(cls, embedding: nn.Embedding, group_size: int = 32, symmetric: bool = False) -> Int4Embedding:
+        q, s, z = quantize_int4(embedding.weight, group_size, scale_dtype=embedding.weight.dtype, symmetric=symmetric)
         m = cls(embedding.num_embeddings, embedding.embedding_dim, group_size, device=embedding.weight.device,
-                dtype=embedding.weight.dtype)
+                dtype=embedding.weight.dtype, symmetric=symmetric)
         m._set(weight=q, scales=s, zeros=z)
         return m
 
@@ -338,8 +346,9 @@ class Int4Embedding(_Int4Module):
         else:
             rows = self.weight[ids]
         groups = self.scales.shape[1]
+        zeros = None if self.zeros is None else self.zeros[ids].reshape(-1, groups)
         w = dequantize_int4(rows.reshape(-1, self.embedding_dim // 2), self.scales[ids].reshape(-1, groups),
-                            self.zeros[ids].reshape(-1, groups), torch.float32)  # (N, D), one rounding below
+                            zeros, torch.float32)  # (N, D), one rounding below
         return w.to(self.scales.dtype).view(*ids.shape, self.embedding_dim)  # (..., D)
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
@@ -349,7 +358,8 @@ class Int4Embedding(_Int4Module):
         return y.view(*h.shape[:-1], self.num_embeddings)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, layout={self.layout}"
+        return (f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, layout={self.layout}"
+                + (", symmetric=True" if self.symmetric else ""))
 
 
 def _int4_modules(model: nn.Module) -> list[_Int4Module]:

@@ -5,6 +5,7 @@ Canonical layouts (what `state_dict()` and saved checkpoints hold; kernels may r
   int8: weight int8 (N, K), scales (N, K // group)            w = weight * scale
   int4: weight uint8 (N, K // 2), two values per byte (low nibble = even column), values 0..15,
         scales (N, K // group), zeros (N, K // group)         w = (q - 8) * scale + zero
+        symmetric int4 (Meta's quantized Llama 3.2, llama.cpp's Q4_0) has no zeros:  w = (q - 8) * scale
 """
 
 from __future__ import annotations
@@ -46,17 +47,27 @@ def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     return w.view(n, k)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric groupwise int4 (min/max): w (N, K) -> (weight uint8 (N, K/2), scales (N, G), zeros (N, G)).
+def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.float32,
+                  symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Groupwise int4: w (N, K) -> (weight uint8 (N, K/2), scales (N, G), zeros (N, G) or None).
 
-    q = round((w - min) / scale) in 0..15 and w ~ (q - 8) * scale + zero with zero = min + 8 * scale, the
-    convention of PyTorch's int4 kernels. Scales and zeros are rounded to `scale_dtype` first.
+    Asymmetric (min/max): q = round((w - min) / scale) in 0..15 and w ~ (q - 8) * scale + zero with
+    zero = min + 8 * scale, the convention of PyTorch's int4 kernels.
+    Symmetric (no zeros, 10% fewer bytes at group 32): w ~ (q - 8) * scale with scale = m / -8 where m is the
+    group's value of largest magnitude, which lands exactly on q = 0 (llama.cpp's Q4_0 rounding).
+    Scales and zeros are rounded to `scale_dtype` first.
     """
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"int4 group size {group_size} is not supported; choose one of {INT4_GROUP_SIZES}")
     n, k = w.shape
     g = _groups(w, group_size)  # (N, G, g)
+    if symmetric:
+        m = g.gather(-1, g.abs().argmax(-1, keepdim=True))[..., 0]  # (N, G) signed value of largest magnitude
+        scales = (m / -8).to(scale_dtype)
+        s = scales.float()
+        s = torch.where(s == 0, 1.0, s)  # an all-zero group: any scale, q = 8
+        q = torch.round(g / s[..., None] + 8).clamp_(0, 15).to(torch.uint8)
+        return pack_int4(q.reshape(n, k)), scales, None
     lo, hi = g.amin(-1), g.amax(-1)
     scales = ((hi - lo).clamp_min(1e-6) / 15).to(scale_dtype)  # (N, G)
     zeros = (lo + 8 * scales.float()).to(scale_dtype)
@@ -65,12 +76,15 @@ def quantize_int4(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = t
     return pack_int4(q.reshape(n, k)), scales, zeros
 
 
-def dequantize_int4(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+def dequantize_int4(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """zeros None: symmetric."""
     q = unpack_int4(weight)  # (N, K) uint8
     n, k = q.shape
     groups = scales.shape[1]
-    w = (q.to(dtype).view(n, groups, k // groups) - 8) * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]
+    w = (q.to(dtype).view(n, groups, k // groups) - 8) * scales.to(dtype)[..., None]
+    if zeros is not None:
+        w = w + zeros.to(dtype)[..., None]
     return w.view(n, k)
 
 
@@ -114,11 +128,10 @@ def _ggml_nibbles(qs: np.ndarray) -> torch.Tensor:
     return torch.cat((t & 15, t >> 4), dim=-1).reshape(t.shape[0], -1)
 
 
-def q4_0_to_int4(data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0 rows (fp16 d + 16 bytes; w = d * (q - 8)) -> canonical int4 with group 32: exact (zero = 0)."""
+def q4_0_to_int4(data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """Q4_0 rows (fp16 d + 16 bytes; w = d * (q - 8)) -> symmetric canonical int4 with group 32: exact."""
     blocks = _block_rows(data, 18)
-    d = _f16(blocks, 0)
-    return pack_int4(_ggml_nibbles(blocks[..., 2:])), d, torch.zeros_like(d)
+    return pack_int4(_ggml_nibbles(blocks[..., 2:])), _f16(blocks, 0), None
 
 
 def q4_1_to_int4(data: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,7 +19,8 @@ def part_shapes(spec: QSpec, shape: tuple[int, ...]) -> dict[str, tuple[int, ...
     groups = 1 if spec.group_size is None else k // spec.group_size
     if spec.kind == "int8":
         return {"weight": (n, k), "scales": (n, groups)}
-    return {"weight": (n, k // 2), "scales": (n, groups), "zeros": (n, groups)}
+    parts = {"weight": (n, k // 2), "scales": (n, groups)}
+    return parts if spec.symmetric else {**parts, "zeros": (n, groups)}
 
 
 class _View:
@@ -127,7 +128,8 @@ class GGUFBlocksCheckpoint(_QuantizedView):
         if convert is None:
             raise ValueError(f"{self.path}: tensor '{name}' is {raw.ggml_type.name}; only Q8_0, Q4_0 and Q4_1 "
                              "blocks load quantized")
-        return dict(zip(("weight", "scales", "zeros"), convert(raw.data), strict=False))
+        parts = zip(("weight", "scales", "zeros"), convert(raw.data), strict=False)  # Q4_0: zeros None
+        return {part: t for part, t in parts if t is not None}
 
 
 class DequantizingCheckpoint(_View):
@@ -159,5 +161,5 @@ class DequantizingCheckpoint(_View):
         weight, scales = self._base.load_tensor(name), self._base.load_tensor(f"{module}.scales")
         if self._plan[module].kind == "int8":
             return dequantize_int8(weight, scales, torch.float32).to(dtype)
-        zeros = self._base.load_tensor(f"{module}.zeros")
+        zeros = None if self._plan[module].symmetric else self._base.load_tensor(f"{module}.zeros")
         return dequantize_int4(weight, scales, zeros, torch.float32).to(dtype)

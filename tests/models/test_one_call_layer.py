@@ -90,7 +90,8 @@ def test_float_layers_give_the_same_bits(wide_llama_dir, dtype, counted):
     assert counted.calls == 4 * 2  # 4 decode steps x 2 layers; prefill and the module path make none
 
 
-@pytest.mark.parametrize("recipe,a8", [("int8", False), ("int4-g32", False), ("int4-g32", True)])
+@pytest.mark.parametrize("recipe,a8", [("int8", False), ("int4-g32", False), ("int4-g32", True),
+                                       ("int4-g32-sym", False), ("int4-g32-e4g128-sym", True)])
 def test_quantized_layers_give_the_same_bits(wide_llama_dir, recipe, a8, counted):
     model, _ = load_model(wide_llama_dir, dtype="bfloat16", quantize=recipe, int8_activations=a8)
     assert model.model.layers[0].self_attn.q_proj.layout == ("groups" if a8 else "interleaved")

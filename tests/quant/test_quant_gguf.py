@@ -41,6 +41,8 @@ def test_blocks_kept_quantized_give_the_dequantized_logits(tiny_gguf, qtype):
     kind = Int8Linear if qtype == "Q8_0" else Int4Linear
     q_proj = quantized.model.layers[0].self_attn.q_proj  # q/k rows un-permuted as whole rows of blocks
     assert isinstance(q_proj, kind) and q_proj.group_size == 32
+    if kind is Int4Linear:  # Q4_0 has no offsets, so no zeros are stored; Q4_1's offsets become zeros
+        assert q_proj.symmetric == (qtype == "Q4_0") and (q_proj.zeros is None) == (qtype == "Q4_0")
     assert isinstance(quantized.lm_head, kind)
     embed = quantized.model.embed_tokens
     assert isinstance(embed, Int8Embedding) if qtype == "Q8_0" else type(embed).__name__ == "Embedding"

@@ -4,7 +4,7 @@
 //   x = rms_norm(h); q, k, v = split(qkv(x)); rotary(q, k); a = attention(q, k, v; cache)   (writes K/V)
 //   h = h + o(a); x = rms_norm(h); g, u = split(gate_up(x)); h = h + down(silu(g) * u)
 // with the exact ops (and rounding) of models/llama.py, so both paths give the same bits.
-// A projection is (kind, weight, scales, zeros, bias) as held by the Python modules:
+// A projection is (kind, weight, scales, zeros, bias) as held by the Python modules (zeros None: symmetric int4):
 //   0 float weight (N, K): the bf16 GEMV for bf16 (M <= 8), else at::linear
 //   1 int8 interleaved rows   2 int4 interleaved rows   3 int4 "groups" layout with int8 activations
 #include <ATen/ATen.h>
@@ -31,10 +31,10 @@ at::Tensor project(const at::Tensor& x, int64_t kind, const c10::List<std::optio
 #endif
       return at::linear(x, w, bias);
     case INT8: y = pocketllama::ops::int8_gemv(x, w, p.get(4 * i + 1).value()); break;
-    case INT4: y = pocketllama::ops::int4_gemv(x, w, p.get(4 * i + 1).value(), p.get(4 * i + 2).value()); break;
+    case INT4: y = pocketllama::ops::int4_gemv(x, w, p.get(4 * i + 1).value(), p.get(4 * i + 2).value_or(at::Tensor())); break;
 #ifdef __AVX512VNNI__
     case INT4_A8:
-      y = pocketllama::ops::int4g_gemv_a8(x, w, p.get(4 * i + 1).value(), p.get(4 * i + 2).value());
+      y = pocketllama::ops::int4g_gemv_a8(x, w, p.get(4 * i + 1).value(), p.get(4 * i + 2).value_or(at::Tensor()));
       break;
 #endif
     default: TORCH_CHECK(false, "decode_layer: unknown projection kind ", kind);

@@ -3,6 +3,7 @@
 // `interleave`), so each block of rows streams from memory as one sequential run:
 //   int8: w int8 (N/8, K/64, 8, 64), scales (N, G)                                  w = q * s
 //   int4: w uint8 (N/4, K/64, 4, 32), low nibble = even column, scales/zeros (N, G)  w = (q - 8) * s + z
+//         (zeros None: symmetric, w = (q - 8) * s, llama.cpp's Q4_0 and Meta's quantized Llama 3.2)
 // Arithmetic is fp32 (weights exact, fp32 accumulation), so results match a dequantized fp32 matmul up to
 // summation order. Rows are split across PyTorch's intra-op threads (at::parallel_for).
 #include <ATen/Parallel.h>
@@ -80,13 +81,14 @@ inline void int8_block(const float* x, const int8_t* wb, const S* s, float* y, i
 // ---- int4 ---------------------------------------------------------------------------------------------
 // Weights (N, K/2) bytes, low nibble = even column, interleaved per block of R4 rows in 32-byte chunks:
 // (N/R4, K/64, R4, 32). xe / xo: the even / odd columns of x (K/2 each), so byte j of a row pairs with xe[j]
-// (low nibble) and xo[j] (high). xs: per-group sums of x, for the zero-point term sum_g (z - 8 s) * xs[g].
+// (low nibble) and xo[j] (high). xs: per-group sums of x, for the zero-point term sum_g (z - 8 s) * xs[g]
+// (z null: symmetric weights, z = 0).
 template <typename S, int R>
 inline void zero_terms(const S* z, const float* sc, const float* xs, int64_t G, float* offset) {
   for (int r = 0; r < R; ++r) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g += 16) {
-      const __m512 zv = load16(z + r * G + g, G - g), sv = _mm512_maskz_loadu_ps(tail(G - g), sc + r * G + g);
+      const __m512 zv = z ? load16(z + r * G + g, G - g) : _mm512_setzero_ps(), sv = _mm512_maskz_loadu_ps(tail(G - g), sc + r * G + g);
       acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), sv, zv), load16(xs + g, G - g), acc);
     }
     offset[r] = hsum(acc);
@@ -397,7 +399,7 @@ void int4_dequant_impl(const uint8_t* W, const S* Sc, const S* Z, T* out, int64_
           for (int h = 0; h < 2; ++h) {
             const int64_t g = (c * 64 + 32 * h) / gs;
             const __m512 sv = _mm512_set1_ps(static_cast<float>(Sc[n * G + g]));
-            const __m512 zv = _mm512_set1_ps(static_cast<float>(Z[n * G + g]));
+            const __m512 zv = _mm512_set1_ps(Z ? static_cast<float>(Z[n * G + g]) : 0.f);
             const __m512i v = _mm512_cvtepu8_epi32(
                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + c * 32 * R + r * 32 + 16 * h)));
             // (q - 8) * s + z fused (one rounding), like ATen's vectorized addcmul
@@ -465,18 +467,19 @@ void dispatch_scales(const at::Tensor& s, F&& f) {
   }
 }
 
-void int4_dequant(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t r0, int64_t r1,
-                  at::Tensor out) {
+void int4_dequant(const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& zeros, int64_t r0,
+                  int64_t r1, at::Tensor out) {
+  const at::Tensor z = zeros.value_or(at::Tensor());
   const int64_t N = s.size(0), G = s.size(1), K = out.size(1);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.numel() * 2 == N * K && K % 64 == 0,
               "int4_dequant: interleaved uint8 weight (N, K/2)");
-  TORCH_CHECK(z.sizes() == s.sizes() && z.scalar_type() == s.scalar_type() && s.is_contiguous() && z.is_contiguous(),
-              "int4_dequant: scales/zeros (N, G) alike");
+  TORCH_CHECK(s.is_contiguous() && (!z.defined() || (z.sizes() == s.sizes() && z.scalar_type() == s.scalar_type() &&
+                                                     z.is_contiguous())), "int4_dequant: scales/zeros (N, G) alike");
   TORCH_CHECK(r0 % ROWS_INT4 == 0 && r1 % ROWS_INT4 == 0 && 0 <= r0 && r0 <= r1 && r1 <= N && out.is_contiguous() &&
               out.size(0) == r1 - r0 && K % G == 0, "int4_dequant: rows in whole blocks, out (r1 - r0, K)");
   dispatch_scales(s, [&](auto* sp) {
     using S = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
-    const S* zp = reinterpret_cast<const S*>(z.data_ptr());
+    const S* zp = z.defined() ? reinterpret_cast<const S*>(z.data_ptr()) : nullptr;
     dispatch_out(out, [&](auto* op) { int4_dequant_impl(w.data_ptr<uint8_t>(), sp, zp, op, r0, r1, K, G); });
   });
 }
@@ -554,7 +557,7 @@ void int4_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   const float* XS = xs.data_ptr<float>();
   const uint8_t* W = w.data_ptr<uint8_t>();
   const S* Sc = reinterpret_cast<const S*>(s.data_ptr());
-  const S* Z = reinterpret_cast<const S*>(z.data_ptr());
+  const S* Z = z.defined() ? reinterpret_cast<const S*>(z.data_ptr()) : nullptr;
   float* Y = y.data_ptr<float>();
   at::parallel_for(0, N / ROWS_INT4, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -564,12 +567,12 @@ void int4_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
         if (bf16) {
           const auto* e = reinterpret_cast<const c10::BFloat16*>(xe.data_ptr()) + m * half;
           const auto* o = reinterpret_cast<const c10::BFloat16*>(xo.data_ptr()) + m * half;
-          int4_block_bf16<S>(e, o, XS + m * G, W + n * half, Sc + n * G, Z + n * G, Y + m * N + n, K, G);
+          int4_block_bf16<S>(e, o, XS + m * G, W + n * half, Sc + n * G, Z ? Z + n * G : nullptr, Y + m * N + n, K, G);
           continue;
         }
 #endif
         int4_block<S>(xe.data_ptr<float>() + m * half, xo.data_ptr<float>() + m * half, XS + m * G, W + n * half,
-                      Sc + n * G, Z + n * G, Y + m * N + n, K, G);
+                      Sc + n * G, Z ? Z + n * G : nullptr, Y + m * N + n, K, G);
       }
     }
   });
@@ -604,7 +607,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   check(x, w, s, ROWS_INT4, "int4_gemv");
   TORCH_CHECK(w.scalar_type() == at::kByte && w.numel() * 2 == s.size(0) * x.size(1),
               "int4_gemv: weight must be uint8 N*K/2 (two int4 per byte)");
-  TORCH_CHECK(z.sizes() == s.sizes() && z.scalar_type() == s.scalar_type() && z.is_contiguous(),
+  TORCH_CHECK(!z.defined() || (z.sizes() == s.sizes() && z.scalar_type() == s.scalar_type() && z.is_contiguous()),
               "int4_gemv: zeros must match scales");
   TORCH_CHECK((x.size(1) / s.size(1)) % 32 == 0, "int4_gemv: groups must be a multiple of 32 values");
 #ifdef __AVX512BF16__
@@ -641,19 +644,20 @@ void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t
 
 TORCH_LIBRARY(pocketllama_quant, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scales) -> Tensor");
-  m.def("int4_gemv(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor w, Tensor scales, Tensor? zeros) -> Tensor");
 #ifdef __AVX512BF16__
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
 #endif
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
-  m.def("int4_dequant(Tensor w, Tensor scales, Tensor zeros, int r0, int r1, Tensor(a!) out) -> ()");
+  m.def("int4_dequant(Tensor w, Tensor scales, Tensor? zeros, int r0, int r1, Tensor(a!) out) -> ()");
   m.def("int8_dequant(Tensor w, Tensor scales, int r0, int r1, Tensor(a!) out) -> ()");
   m.def("rotary_(Tensor(a!) x, Tensor cos, Tensor sin, int head_dim) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pocketllama_quant, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
-  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_gemv", [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
+                         const std::optional<at::Tensor>& z) { return int4_gemv(x, w, s, z.value_or(at::Tensor())); });
 #ifdef __AVX512BF16__
   m.impl("bf16_gemv", &bf16_gemv);
 #endif

@@ -5,7 +5,8 @@
 // Layout (kernels.py `interleave_groups`), per block of 4 rows: 512-column super-chunks
 //   (K/512, 4 rows, 4 steps, 16 groups, 4 bytes): byte b of group g at step t = canonical byte 16 g + 4 t + b
 // then, when K % 512 != 0, a tail (4 rows, 4 steps, gt groups, 4 bytes) with gt = (K % 512) / 32.
-// A canonical byte holds columns 2j (low nibble) and 2j + 1; w = (q - 8) * s + z per group of `gs` values.
+// A canonical byte holds columns 2j (low nibble) and 2j + 1; w = (q - 8) * s + z per group of `gs` values
+// (zeros None: symmetric, z = 0).
 // x is quantized per 32 values to int8 (llama.cpp's Q8_0); per group (lane):
 //   s * dx * sum (q - 8) xq + z * sum x       (the -8 folded into the int32 start; exact fp32 sums of x)
 // Each output row's arithmetic does not depend on M (verification batches compute what decode does).
@@ -92,10 +93,14 @@ inline void block(const int8_t* xe, const int8_t* xo, const float* dx, const int
         acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(w, low), ev[t]);
         acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 4), low), ov[t]);
       }
-      __m512 sv = load16(s + r * G + g0, ng), zv = load16(z + r * G + g0, ng);
-      if (per > 1) sv = _mm512_permutexvar_ps(ex, sv), zv = _mm512_permutexvar_ps(ex, zv);
+      __m512 sv = load16(s + r * G + g0, ng);
+      if (per > 1) sv = _mm512_permutexvar_ps(ex, sv);
       tot[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), dv), sv, tot[r]);
-      tot[r] = _mm512_mask3_fmadd_ps(zv, xv, tot[r], lanes);
+      if (z) {
+        __m512 zv = load16(z + r * G + g0, ng);
+        if (per > 1) zv = _mm512_permutexvar_ps(ex, zv);
+        tot[r] = _mm512_mask3_fmadd_ps(zv, xv, tot[r], lanes);
+      }
     }
   }
   for (int r = 0; r < ROWS; ++r) y[r] = _mm512_reduce_add_ps(tot[r]);
@@ -119,7 +124,7 @@ void gemv_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
   const __m512i ex = _mm512_load_si512(lanes);
   const uint8_t* W = w.data_ptr<uint8_t>();
   const S* Sc = reinterpret_cast<const S*>(s.data_ptr());
-  const S* Z = reinterpret_cast<const S*>(z.data_ptr());
+  const S* Z = z.defined() ? reinterpret_cast<const S*>(z.data_ptr()) : nullptr;
   T* Y = reinterpret_cast<T*>(y.data_ptr());
   const int8_t *XE = xe.data(), *XO = xo.data();
   const float *DX = dx.data(), *XS = xs.data();
@@ -130,7 +135,7 @@ void gemv_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, co
       const int64_t n = b * ROWS;
       for (int64_t m = 0; m < M; ++m) {
         block<S>(XE + m * padded * 16, XO + m * padded * 16, DX + m * padded, NEG8 + m * padded, XS + m * padded,
-                 W + n * K / 2, Sc + n * G, Z + n * G, out, K, G, per, ex);
+                 W + n * K / 2, Sc + n * G, Z ? Z + n * G : nullptr, out, K, G, per, ex);
         for (int r = 0; r < ROWS; ++r) Y[m * N + n + r] = static_cast<T>(out[r]);
       }
     }
@@ -148,9 +153,10 @@ void gemv_scales(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, 
 }
 
 void check(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t K, const char* what) {
-  TORCH_CHECK(w.device().is_cpu() && s.device().is_cpu() && z.device().is_cpu(), what, " runs on CPU");
-  TORCH_CHECK(s.dim() == 2 && w.is_contiguous() && s.is_contiguous() && z.is_contiguous() && z.sizes() == s.sizes() &&
-              z.scalar_type() == s.scalar_type(), what, ": contiguous weight, scales and zeros (N, G)");
+  TORCH_CHECK(w.device().is_cpu() && s.device().is_cpu() && (!z.defined() || z.device().is_cpu()), what, " runs on CPU");
+  TORCH_CHECK(s.dim() == 2 && w.is_contiguous() && s.is_contiguous() &&
+              (!z.defined() || (z.is_contiguous() && z.sizes() == s.sizes() && z.scalar_type() == s.scalar_type())),
+              what, ": contiguous weight, scales and zeros (N, G)");
   const int64_t N = s.size(0), G = s.size(1);
   TORCH_CHECK(N % ROWS == 0 && K % 64 == 0 && K % G == 0 && (K / G) % 32 == 0 && K / G <= 512, what,
               ": needs N % 4 == 0, K % 64 == 0 and groups of 32..512 values, got N=", N, " K=", K, " G=", G);
@@ -194,7 +200,7 @@ void dequant_impl(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z,
   const int64_t N = s.size(0), G = s.size(1), K = w.numel() * 2 / N, per = K / G / 32, subgroups = K / 32;
   const uint8_t* W = w.data_ptr<uint8_t>();
   const S* Sc = reinterpret_cast<const S*>(s.data_ptr());
-  const S* Z = reinterpret_cast<const S*>(z.data_ptr());
+  const S* Z = z.defined() ? reinterpret_cast<const S*>(z.data_ptr()) : nullptr;
   T* O = reinterpret_cast<T*>(out.data_ptr());
   alignas(64) int32_t lanes[16];
   for (int l = 0; l < 16; ++l) lanes[l] = static_cast<int32_t>(l / per);
@@ -213,7 +219,7 @@ void dequant_impl(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z,
         const uint8_t* base = W + b * ROWS * K / 2 + sc * 1024;
         for (int r = 0; r < ROWS; ++r) {
           const int64_t n = b * ROWS + r;
-          __m512 sv = load16(Sc + n * G + g0, ng), zv = load16(Z + n * G + g0, ng);
+          __m512 sv = load16(Sc + n * G + g0, ng), zv = Z ? load16(Z + n * G + g0, ng) : _mm512_setzero_ps();
           if (per > 1) sv = _mm512_permutexvar_ps(ex, sv), zv = _mm512_permutexvar_ps(ex, zv);
           T* row = O + (n - r0) * K + sc * 512;
           for (int t = 0; t < 4; ++t) {
@@ -239,8 +245,9 @@ void dequant_impl(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z,
   });
 }
 
-void int4g_dequant(const at::Tensor& w, const at::Tensor& s, const at::Tensor& z, int64_t r0, int64_t r1,
-                   at::Tensor out) {
+void int4g_dequant(const at::Tensor& w, const at::Tensor& s, const std::optional<at::Tensor>& zeros, int64_t r0,
+                   int64_t r1, at::Tensor out) {
+  const at::Tensor z = zeros.value_or(at::Tensor());
   const int64_t N = s.size(0);
   TORCH_CHECK(N > 0 && w.numel() * 2 % N == 0, "int4g_dequant: weight and scales disagree");
   const int64_t K = w.numel() * 2 / N;
@@ -275,12 +282,13 @@ at::Tensor pocketllama::ops::int4g_gemv_a8(const at::Tensor& x, const at::Tensor
 }
 
 TORCH_LIBRARY_FRAGMENT(pocketllama_quant, m) {
-  m.def("int4g_gemv_a8(Tensor x, Tensor w, Tensor scales, Tensor zeros) -> Tensor");
-  m.def("int4g_dequant(Tensor w, Tensor scales, Tensor zeros, int r0, int r1, Tensor(a!) out) -> ()");
+  m.def("int4g_gemv_a8(Tensor x, Tensor w, Tensor scales, Tensor? zeros) -> Tensor");
+  m.def("int4g_dequant(Tensor w, Tensor scales, Tensor? zeros, int r0, int r1, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pocketllama_quant, CPU, m) {
-  m.impl("int4g_gemv_a8", &int4g_gemv_a8);
+  m.impl("int4g_gemv_a8", [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
+                             const std::optional<at::Tensor>& z) { return int4g_gemv_a8(x, w, s, z.value_or(at::Tensor())); });
   m.impl("int4g_dequant", &int4g_dequant);
 }
 #endif

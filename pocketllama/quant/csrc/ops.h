@@ -1,5 +1,6 @@
 // The CPU kernels other kernels call directly (decode_layer.cpp chains them for one decoder layer without
 // going back to Python). Each is also registered as a torch op (torch.ops.pocketllama_quant.<name>).
+// An undefined `z` (zeros) means symmetric int4 weights.
 #pragma once
 #include <ATen/ATen.h>
 
