@@ -352,7 +352,8 @@ class Guard:
             model.set_images(cache, images, [ids])
         capture = LogitsAfterNL2()
         tokens: list[int] = []
-        for token, _ in generate_step(model, ids, max_tokens=budget, logits_processors=[capture], cache=cache):
+        for token, _ in generate_step(model, ids, max_tokens=budget, logits_processors=[capture], cache=cache,
+                                      logprobs=False):
             if token in self.tokenizer.stop_ids:
                 break
             tokens.append(token)

@@ -161,8 +161,10 @@ def generate_step(
     max_len: int | None = None,
     truncate: Truncate = "error",
     compile: bool = False,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Prefill the prompt, then decode one token per step; yields (token id, raw logprobs [V]).
+    logprobs: bool = True,
+) -> Iterator[tuple[int, torch.Tensor | None]]:
+    """Prefill the prompt, then decode one token per step; yields (token id, raw logprobs [V], or None with
+    logprobs=False, which saves a log-softmax over the vocabulary per token).
 
     The prompt is prefilled in chunks of `prefill_step_size` into a static KV cache sized to prompt +
     max_tokens (see `cache_length`). Each decode step has fixed shapes (input [1, 1], positions [1, 1]);
@@ -179,7 +181,7 @@ def generate_step(
                                                    max_len=max_len, truncate=truncate, compile=compile)
     step = DecodeStep.for_model(model, compile)
     return _steps(model, step, prompt, sampler or greedy, list(logits_processors), budget, cache, start,
-                  prefill_step_size)
+                  prefill_step_size, logprobs)
 
 
 def prepare_request(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor, *, max_tokens: int | None,
@@ -222,14 +224,14 @@ def prefill(model: nn.Module, prompt: list[int], cache: Any, start: int, chunk: 
 
 
 def _steps(model: nn.Module, step: DecodeStep, prompt: list[int], sampler: Sampler,
-           processors: list[LogitsProcessor], budget: int, cache: Any, start: int, chunk: int
-           ) -> Iterator[tuple[int, torch.Tensor]]:
+           processors: list[LogitsProcessor], budget: int, cache: Any, start: int, chunk: int,
+           want_logprobs: bool = True) -> Iterator[tuple[int, torch.Tensor | None]]:
     device = _device(model)
     # Ids generated so far, for the processors: a fixed buffer viewed as [1, n] (no per-step concat).
     generated = torch.zeros(1, budget, dtype=torch.long, device=device) if processors else None
 
-    def pick(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logprobs = token_logprobs(logits)  # (1, V), raw model distribution
+    def pick(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logprobs = token_logprobs(logits) if want_logprobs else None  # (1, V), raw model distribution
         for proc in processors:
             logits = proc(generated[:, :n], logits)
         return sampler(logits), logprobs  # (1,), (1, V)
@@ -240,7 +242,7 @@ def _steps(model: nn.Module, step: DecodeStep, prompt: list[int], sampler: Sampl
         position = torch.full((1, 1), len(prompt), dtype=torch.long, device=device)  # (1, 1), bumped on device
 
     for n in range(budget):
-        yield int(y.item()), logprobs[0]  # the one host sync per token
+        yield int(y.item()), None if logprobs is None else logprobs[0]  # the one host sync per token
         if n + 1 == budget:
             return
         with torch.no_grad():
@@ -348,7 +350,8 @@ def stream_generate(
             sampler = sampler_from_params(params, make_generator(params.seed, device))
         steps = generate_step(model, prompt_ids, sampler=sampler, logits_processors=logits_processors,
                               max_tokens=params.max_tokens, cache=cache, cached_tokens=cached_tokens,
-                              prefill_step_size=prefill_step_size, max_len=context, compile=compile)
+                              prefill_step_size=prefill_step_size, max_len=context, compile=compile,
+                              logprobs=bool(params.logprobs))
     budget = generation_budget(len(prompt_ids), params.max_tokens, context, cache)
     stopper = TokenStopper(tokenizer, params.stop, stop_ids_for(params, tokenizer), budget)
     prefilled = len(prompt_ids) - min(cached_tokens, len(prompt_ids) - 1)

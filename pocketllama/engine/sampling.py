@@ -148,9 +148,19 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, -math.inf)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Argmax per row: [B, V] -> [B] (first index of the maximum, NaN counting as the maximum, as torch).
+    float32 CPU rows go through NumPy, whose vectorized argmax takes ~10 us for a 128k vocabulary where
+    torch's takes ~110 us (once per decoded token)."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and not x.requires_grad
+            and not torch.compiler.is_compiling()):
+        return torch.from_numpy(x.numpy().argmax(axis=-1))
+    return x.argmax(dim=-1)
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """Argmax per row: [B, V] -> [B]."""
-    return logits.argmax(dim=-1)
+    return argmax_rows(logits)
 
 
 def categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -161,7 +171,7 @@ def categorical(logits: torch.Tensor, generator: torch.Generator | None = None) 
     """
     probs = logits.float().softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(dim=-1)
+    return argmax_rows(probs / race.clamp_min_(torch.finfo(probs.dtype).tiny))
 
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,

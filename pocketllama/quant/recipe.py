@@ -58,8 +58,9 @@ class Recipe:
       g64 table (`{"embedding_group_size": 64, ...}`) costs +10% perplexity, a g32 one +4%.
     - any int4 recipe + `-sym` (e.g. `int4-g32-e4g128-sym`): symmetric int4, w = (q - 8) * scale without
       zeros (`symmetric: true`), as in Meta's quantized Llama 3.2 and llama.cpp's Q4_0: 10% fewer bytes at
-      group 32 (1B: 0.69 GB, 3B: 1.78 GB with `-e4g128`), so decode, bound by memory, runs that much faster;
-      its quality costs a little more than min/max (asymmetric) rounding.
+      group 32 (`int4-g32-e4g128-sym`: 1B 0.68 GB, 3B 1.79 GB; `int4-g64-e4-sym`: 3B 1.71 GB, under the
+      release table's 1.75 GB), so decode, bound by memory, runs that much faster; it costs a little more
+      accuracy than min/max (asymmetric) rounding.
     - any of these + `-v8` (e.g. `int4-g32-e4g128-v8`): Llama 3.2 Vision's encoder linears and projector
       int8 per row too (`vision: "int8"`); without it the vision tower stays as stored (11B: 1.8 GB bf16).
     """

@@ -165,6 +165,14 @@ def test_greedy_cached_decode_equals_full_forward_reference():
     assert got == reference_tokens(MockLM(), PROMPT, 12)
 
 
+def test_logprobs_are_skipped_when_not_wanted():
+    with_lp = list(generate_step(MockLM(), PROMPT, max_tokens=6))
+    without = list(generate_step(MockLM(), PROMPT, max_tokens=6, logprobs=False))
+    assert [t for t, _ in without] == [t for t, _ in with_lp] and all(lp is None for _, lp in without)
+    assert all(lp.shape == (len(PIECES),) and math.isclose(float(lp.exp().sum()), 1, rel_tol=1e-5)
+               for _, lp in with_lp)
+
+
 def test_chunked_prefill_then_fixed_shape_steps():
     model = MockLM()
     prompt = PROMPT + [B_, C]  # 8 tokens

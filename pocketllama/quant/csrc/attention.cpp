@@ -41,6 +41,17 @@ template <>
 inline __m512 round_vec<float>(__m512 x) { return x; }
 template <>
 inline __m512 round_vec<c10::Half>(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)); }
+// c10::BFloat16's rounding in integer lanes (nearest even, NaN -> 0x7FC0; denormals kept, which the hardware
+// conversion would flush)
+template <>
+inline __m512 round_vec<c10::BFloat16>(__m512 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(b, bias), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                                                   _mm512_set1_epi32(0x7FC00000)));
+}
 
 // v[j] -> lane j of the result holds the sum of v[j]'s lanes: 16 horizontal sums as one transposed reduction.
 inline __m512 hsum16(const __m512* v) {
@@ -103,16 +114,26 @@ void attend_row(const float* qf, const T* keys, const T* vals, int64_t n, int64_
     _mm512_mask_storeu_ps(p + s, m, e);
     sums = _mm512_mask_add_ps(sums, m, sums, e);
   }
-  const float inv = 1.f / _mm512_reduce_add_ps(sums);
-  __m512 acc[HD ? HD : 16];
-  for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
-  for (s = 0; s < n; ++s) {
-    const __m512 w = _mm512_set1_ps(round_to<T>(p[s] * inv));
-    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(w, load16(vals + s * hd + 16 * c), acc[c]);
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sums));
+  for (s = 0; s < n; s += 16) {  // the probabilities, rounded to T
+    const __mmask16 m = pocketllama::tail(n - s);
+    _mm512_mask_storeu_ps(p + s, m, round_vec<T>(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + s), inv)));
   }
+  // sum p v over two interleaved sets of accumulators (even / odd keys: twice the independent FMA chains)
+  __m512 acc[2][HD ? HD : 16];
+  for (int64_t c = 0; c < chunks; ++c) acc[0][c] = acc[1][c] = _mm512_setzero_ps();
+  for (s = 0; s + 2 <= n; s += 2)
+    for (int e = 0; e < 2; ++e) {
+      const __m512 w = _mm512_set1_ps(p[s + e]);
+      for (int64_t c = 0; c < chunks; ++c)
+        acc[e][c] = _mm512_fmadd_ps(w, load16(vals + (s + e) * hd + 16 * c), acc[e][c]);
+    }
+  if (s < n)
+    for (int64_t c = 0; c < chunks; ++c)
+      acc[0][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), load16(vals + s * hd + 16 * c), acc[0][c]);
   alignas(64) float o[16];
   for (int64_t c = 0; c < chunks; ++c) {
-    _mm512_store_ps(o, acc[c]);
+    _mm512_store_ps(o, _mm512_add_ps(acc[0][c], acc[1][c]));
     for (int d = 0; d < 16; ++d) orow[16 * c + d] = static_cast<T>(o[d]);
   }
 }
