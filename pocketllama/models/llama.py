@@ -130,7 +130,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = fused_outputs(self, "_fused_gate_up", [self.gate_proj, self.up_proj], x)
-        return self.down_proj(F.silu(gate) * up)
+        act = kernels.silu_mul(gate, up)  # one C++ pass where available (the same bits as decode_layer's)
+        return self.down_proj(F.silu(gate) * up if act is None else act)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -147,12 +148,17 @@ class LlamaDecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def _one_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: _StepContext) -> torch.Tensor | None:
-        """The whole layer as one C++ call (same ops and rounding as `forward`), or None where its modules do
-        not allow it (LoRA wrappers, layouts the C++ kernels do not hold, unfusable projections)."""
+    def decode_plan(self) -> _DecodePlan:
+        """This layer's `_DecodePlan`, rebuilt when its modules or tensors changed."""
         plan = self.__dict__.get("_decode_plan")
         if plan is None or not plan.valid():
             plan = self.__dict__["_decode_plan"] = _DecodePlan(self)
+        return plan
+
+    def _one_call(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: _StepContext) -> torch.Tensor | None:
+        """The whole layer as one C++ call (same ops and rounding as `forward`), or None where its modules do
+        not allow it (LoRA wrappers, layouts the C++ kernels do not hold, unfusable projections)."""
+        plan = self.decode_plan()
         if plan.tensors is None or plan.dtype != h.dtype:
             return None
         i, hd = self.self_attn.layer_idx, self.self_attn.head_dim
@@ -211,6 +217,20 @@ class _DecodePlan:
                 and list(map(torch.Tensor.data_ptr, self._tensors)) == self._ptrs)
 
 
+class _TrunkPlan:
+    """Several layers' `_DecodePlan`s as the flat lists of `decode_layers` (`tensors` None: not possible)."""
+
+    def __init__(self, plans: list[_DecodePlan], head_dims: list[int]) -> None:
+        self.plans, self.tensors = plans, None
+        if plans and all(p.tensors is not None for p in plans):
+            first = plans[0]
+            if all((p.dtype, p.eps) == (first.dtype, first.eps) for p in plans) and len(set(head_dims)) == 1:
+                self.tensors = [t for p in plans for t in p.tensors]
+                self.kinds = [k for p in plans for k in p.kinds]
+                self.norms = [n for p in plans for n in p.norms]
+                self.dtype, self.eps, self.head_dim = first.dtype, first.eps, head_dims[0]
+
+
 class _StepContext:
     """Per-call attention metadata, passed down explicitly (no hidden global state).
 
@@ -253,7 +273,7 @@ class _StepContext:
             B, T, _ = h.shape
             ext = kernels.extension()
             self._one_call = bool(
-                ONE_CALL_LAYERS and self.cache is not None and T <= SMALL_QUERY and B * T <= SMALL_M
+                ONE_CALL_LAYERS and self.cache is not None and len(self.cache.keys) > 0 and T <= SMALL_QUERY and B * T <= SMALL_M
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and h.device.type == "cpu"
                 and h.dtype in (torch.float32, torch.bfloat16, torch.float16) and cos.dtype == h.dtype
                 and self.cache.keys[0].dtype == h.dtype and self.positions.dtype == torch.long
@@ -298,9 +318,27 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rotary_emb(positions, h.dtype)
         ctx = _StepContext(positions, cache, cache_rows, attn_mask)
-        for layer in self.layers:
-            h = layer(h, cos, sin, ctx)
+        if ctx.one_call(h, cos) and (trunk := self._trunk_plan(h.dtype)) is not None:
+            hd = trunk.head_dim  # every layer as one C++ call per step
+            h = kernels.extension().decode_layers(h, cos, sin, cache.keys, cache.values, ctx.row_ids, ctx.positions,
+                                                  trunk.norms, trunk.eps, trunk.tensors, trunk.kinds, hd, hd**-0.5)
+        else:
+            for layer in self.layers:
+                h = layer(h, cos, sin, ctx)
         return self.norm(h)
+
+    def _trunk_plan(self, dtype: torch.dtype) -> _TrunkPlan | None:
+        """The layers' plans joined for `decode_layers` (None: some layer runs otherwise, or has hooks), kept
+        while every layer's plan stays valid."""
+        layers = self.layers._modules.values()
+        if any(type(layer) is not LlamaDecoderLayer or layer._forward_hooks or layer._forward_pre_hooks
+               for layer in layers):
+            return None
+        plans = [layer.decode_plan() for layer in layers]
+        trunk = self.__dict__.get("_trunk")
+        if trunk is None or trunk.plans != plans:
+            trunk = self.__dict__["_trunk"] = _TrunkPlan(plans, [layer.self_attn.head_dim for layer in layers])
+        return trunk if trunk.tensors is not None and trunk.dtype == dtype else None
 
 
 class LlamaForCausalLM(nn.Module):

@@ -159,6 +159,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return ext.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """HF's silu(gate) * up of (..., I) inputs in one C++ pass (silu in fp32, rounded to the dtype, times up),
+    or None (caller runs the eager ops)."""
+    ext = _glue_ext(gate, up)
+    if ext is None or not hasattr(ext, "silu_mul") or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        return None
+    try:
+        g, u = gate.view(-1, gate.shape[-1]), up.view(-1, up.shape[-1])  # row views of a fused output
+    except RuntimeError:
+        return None
+    return ext.silu_mul(g, u).view(gate.shape)
+
+
 def rotary_(xs: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> bool:
     """Rotate each x (B, T, heads * head_dim) of `xs` in place with cos/sin (B, T, head_dim), one C++ call per
     tensor (HF's rotate_half arithmetic, exact). All or none: False leaves every x untouched (the caller

@@ -1,6 +1,7 @@
-"""Decoder layers as one C++ call for decode-sized steps (models/llama.py `_DecodePlan`, csrc/decode_layer.cpp):
-the same bits as the module-by-module path for every projection kind, and a plan that follows the modules
-(rebuilt when weights change, skipped for LoRA wrappers and prefill-sized steps)."""
+"""Decoder layers as one C++ call for decode-sized steps (models/llama.py `_DecodePlan`, csrc/decode_layer.cpp),
+and the whole trunk as one call when every layer allows it (`_TrunkPlan`, `decode_layers`): the same bits as the
+module-by-module path for every projection kind, and a plan that follows the modules (rebuilt when weights
+change, skipped for LoRA wrappers, layer hooks and prefill-sized steps)."""
 
 from __future__ import annotations
 
@@ -30,18 +31,23 @@ def wide_llama_dir(tmp_path_factory):
 
 
 class _Counter:
-    """Counts calls of the C++ decode_layer op while delegating every op to the real extension."""
+    """Counts the layers the C++ ops run (`calls`) and the whole-trunk calls (`trunks`) while delegating every op
+    to the real extension."""
 
     def __init__(self, ext) -> None:
-        self.ext, self.calls = ext, 0
+        self.ext, self.calls, self.trunks = ext, 0, 0
 
     def __getattr__(self, name):
         op = getattr(self.ext, name)
-        if name != "decode_layer":
+        if name not in ("decode_layer", "decode_layers"):
             return op
 
         def counted(*args):
-            self.calls += 1
+            if name == "decode_layers":
+                self.trunks += 1
+                self.calls += len(args[3])  # one K cache per layer
+            else:
+                self.calls += 1
             return op(*args)
         return counted
 
@@ -88,6 +94,19 @@ def test_float_layers_give_the_same_bits(wide_llama_dir, dtype, counted):
     model, _ = load_model(wide_llama_dir, dtype=dtype)
     _assert_same(model)
     assert counted.calls == 4 * 2  # 4 decode steps x 2 layers; prefill and the module path make none
+    assert counted.trunks == 4  # each step: both layers in one call
+
+
+def test_a_layer_hook_keeps_the_layers_apart_and_fires(wide_llama_dir, counted):
+    model, _ = load_model(wide_llama_dir, dtype="bfloat16")
+    seen = []
+    handle = model.model.layers[1].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    _assert_same(model)
+    assert counted.trunks == 0 and counted.calls == 8  # still one call per layer
+    assert len(seen) == 2 * (1 + 4)  # both paths: prefill + 4 steps
+    handle.remove()
+    _steps(model, True)
+    assert counted.trunks == 4
 
 
 @pytest.mark.parametrize("recipe,a8", [("int8", False), ("int4-g32", False), ("int4-g32", True),

@@ -29,29 +29,7 @@ using pocketllama::load16;
 template <typename T>
 inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
 
-// 16 values rounded to T (nearest even) and back to fp32, as round_to<T> lane by lane.
-template <typename T>
-inline __m512 round_vec(__m512 x) {
-  alignas(64) float v[16];
-  _mm512_store_ps(v, x);
-  for (float& e : v) e = round_to<T>(e);
-  return _mm512_load_ps(v);
-}
-template <>
-inline __m512 round_vec<float>(__m512 x) { return x; }
-template <>
-inline __m512 round_vec<c10::Half>(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)); }
-// c10::BFloat16's rounding in integer lanes (nearest even, NaN -> 0x7FC0; denormals kept, which the hardware
-// conversion would flush)
-template <>
-inline __m512 round_vec<c10::BFloat16>(__m512 x) {
-  const __m512i b = _mm512_castps_si512(x);
-  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
-                                        _mm512_set1_epi32(0x7FFF));
-  const __m512i r = _mm512_and_si512(_mm512_add_epi32(b, bias), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
-                                                   _mm512_set1_epi32(0x7FC00000)));
-}
+using pocketllama::round_vec;
 
 // v[j] -> lane j of the result holds the sum of v[j]'s lanes: 16 horizontal sums as one transposed reduction.
 inline __m512 hsum16(const __m512* v) {
@@ -68,17 +46,9 @@ inline __m512 hsum16(const __m512* v) {
                        _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// e^x for x <= 0 (softmax numerators): 2^n e^r with |r| <= ln2 / 2 and a degree-7 Taylor polynomial
-// (relative error < 1e-8, under half an fp32 ulp before rounding).
+// e^x for x <= 0 (softmax numerators)
 inline __m512 exp_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));  // e^-103 is below the smallest fp32 subnormal
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
+  return pocketllama::exp_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.f)));  // e^-103 is below the smallest subnormal
 }
 
 // One query row against n cached keys/values of its kv head: out = softmax(round(round(q.k) * sc)) v, the
