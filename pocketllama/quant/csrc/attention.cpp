@@ -32,7 +32,7 @@ inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
 using pocketllama::round_vec;
 
 // v[j] -> lane j of the result holds the sum of v[j]'s lanes: 16 horizontal sums as one transposed reduction.
-inline __m512 hsum16(const __m512* v) {
+__attribute__((always_inline)) inline __m512 hsum16(const __m512* v) {
   __m512 w[8], u[4], z[2];
   for (int i = 0; i < 8; ++i)  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3)
     w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
@@ -51,61 +51,89 @@ inline __m512 exp_neg(__m512 x) {
   return pocketllama::exp_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.f)));  // e^-103 is below the smallest subnormal
 }
 
-// One query row against n cached keys/values of its kv head: out = softmax(round(round(q.k) * sc)) v, the
-// probabilities rounded to T before the weighted sum (HF eager). HD: head_dim / 16 (0: any).
-template <typename T, int HD>
-void attend_row(const float* qf, const T* keys, const T* vals, int64_t n, int64_t hd, float sc, float* p, T* orow) {
+// p v for E heads at once over kn keys: r (E x hd fp32 accumulators in memory) += p_e[j] * v[j], v rows already fp32
+// in `vb`. E heads give E x chunks independent FMA chains.
+template <int E, int HD>
+inline void accumulate(float* acc, const float* p, int64_t np, const float* vb, int64_t kn, int64_t hd) {
   const int64_t chunks = HD ? HD : hd / 16;
-  float top = -INFINITY;
-  __m512 tops = _mm512_set1_ps(-INFINITY);
+  __m512 r[E][HD ? HD : 16];
+  for (int e = 0; e < E; ++e)
+    for (int64_t c = 0; c < chunks; ++c) r[e][c] = _mm512_loadu_ps(acc + e * hd + 16 * c);
+  for (int64_t j = 0; j < kn; ++j)
+    for (int e = 0; e < E; ++e) {
+      const __m512 w = _mm512_set1_ps(p[e * np + j]);
+      for (int64_t c = 0; c < chunks; ++c) r[e][c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vb + j * hd + 16 * c), r[e][c]);
+    }
+  for (int e = 0; e < E; ++e)
+    for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(acc + e * hd + 16 * c, r[e][c]);
+}
+
+// The G query heads of one kv head (GQA) against its n cached keys/values: per head
+// out = softmax(round(round(q.k) * sc)) v, the probabilities rounded to T before the weighted sum (HF eager).
+// Keys and values are converted to fp32 once per block of 16 and shared by the G heads.
+// qf: G x hd query rows (fp32); p: G rows of np floats; kv: 16 x hd fp32; acc: G x hd fp32. HD: head_dim / 16
+// (0: any).
+template <typename T, int HD>
+void attend_group(const float* qf, int64_t G, const T* keys, const T* vals, int64_t n, int64_t hd, float sc,
+                  float* p, int64_t np, float* kv, float* acc, T* const* orows) {
+  constexpr int MAX_G = 8;  // the caller splits larger groups
+  const int64_t chunks = HD ? HD : hd / 16;
+  __m512 tops[MAX_G];
+  float tail_top[MAX_G];
+  for (int64_t g = 0; g < G; ++g) tops[g] = _mm512_set1_ps(-INFINITY), tail_top[g] = -INFINITY;
   int64_t s = 0;
-  for (; s + 16 <= n; s += 16) {  // 16 keys at a time
-    __m512 a[16];
-    for (int j = 0; j < 16; ++j) {
-      a[j] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c)
-        a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + 16 * c), load16(keys + (s + j) * hd + 16 * c), a[j]);
+  for (; s + 16 <= n; s += 16) {  // scores, 16 keys at a time
+    for (int j = 0; j < 16; ++j)
+      for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(kv + j * hd + 16 * c, load16(keys + (s + j) * hd + 16 * c));
+    for (int64_t g = 0; g < G; ++g) {
+      const float* q = qf + g * hd;
+      __m512 a[16];
+      for (int j = 0; j < 16; ++j) {
+        a[j] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c)
+          a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kv + j * hd + 16 * c), a[j]);
+      }
+      const __m512 x = round_vec<T>(_mm512_mul_ps(round_vec<T>(hsum16(a)), _mm512_set1_ps(sc)));
+      _mm512_storeu_ps(p + g * np + s, x);
+      tops[g] = _mm512_max_ps(tops[g], x);
     }
-    const __m512 x = round_vec<T>(_mm512_mul_ps(round_vec<T>(hsum16(a)), _mm512_set1_ps(sc)));
-    _mm512_storeu_ps(p + s, x);
-    tops = _mm512_max_ps(tops, x);
   }
-  for (; s < n; ++s) {
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + 16 * c), load16(keys + s * hd + 16 * c), a);
-    p[s] = round_to<T>(round_to<T>(_mm512_reduce_add_ps(a)) * sc);
-    top = p[s] > top ? p[s] : top;
-  }
-  top = std::max(top, _mm512_reduce_max_ps(tops));
-  __m512 sums = _mm512_setzero_ps();
-  for (s = 0; s < n; s += 16) {
-    const __mmask16 m = pocketllama::tail(n - s);
-    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + s), _mm512_set1_ps(top)));
-    _mm512_mask_storeu_ps(p + s, m, e);
-    sums = _mm512_mask_add_ps(sums, m, sums, e);
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sums));
-  for (s = 0; s < n; s += 16) {  // the probabilities, rounded to T
-    const __mmask16 m = pocketllama::tail(n - s);
-    _mm512_mask_storeu_ps(p + s, m, round_vec<T>(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + s), inv)));
-  }
-  // sum p v over two interleaved sets of accumulators (even / odd keys: twice the independent FMA chains)
-  __m512 acc[2][HD ? HD : 16];
-  for (int64_t c = 0; c < chunks; ++c) acc[0][c] = acc[1][c] = _mm512_setzero_ps();
-  for (s = 0; s + 2 <= n; s += 2)
-    for (int e = 0; e < 2; ++e) {
-      const __m512 w = _mm512_set1_ps(p[s + e]);
+  for (; s < n; ++s)  // the last keys one at a time
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 a = _mm512_setzero_ps();
       for (int64_t c = 0; c < chunks; ++c)
-        acc[e][c] = _mm512_fmadd_ps(w, load16(vals + (s + e) * hd + 16 * c), acc[e][c]);
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * hd + 16 * c), load16(keys + s * hd + 16 * c), a);
+      const float x = round_to<T>(round_to<T>(_mm512_reduce_add_ps(a)) * sc);
+      p[g * np + s] = x;
+      tail_top[g] = x > tail_top[g] ? x : tail_top[g];
     }
-  if (s < n)
-    for (int64_t c = 0; c < chunks; ++c)
-      acc[0][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), load16(vals + s * hd + 16 * c), acc[0][c]);
-  alignas(64) float o[16];
-  for (int64_t c = 0; c < chunks; ++c) {
-    _mm512_store_ps(o, _mm512_add_ps(acc[0][c], acc[1][c]));
-    for (int d = 0; d < 16; ++d) orow[16 * c + d] = static_cast<T>(o[d]);
+  for (int64_t g = 0; g < G; ++g) {  // softmax per head, the probabilities rounded to T
+    float* pg = p + g * np;
+    const __m512 top = _mm512_set1_ps(std::max(tail_top[g], _mm512_reduce_max_ps(tops[g])));
+    __m512 sums = _mm512_setzero_ps();
+    for (s = 0; s < n; s += 16) {
+      const __mmask16 m = pocketllama::tail(n - s);
+      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, pg + s), top));
+      _mm512_mask_storeu_ps(pg + s, m, e);
+      sums = _mm512_mask_add_ps(sums, m, sums, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sums));
+    for (s = 0; s < n; s += 16) {
+      const __mmask16 m = pocketllama::tail(n - s);
+      _mm512_mask_storeu_ps(pg + s, m, round_vec<T>(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, pg + s), inv)));
+    }
   }
+  std::fill(acc, acc + G * hd, 0.f);
+  for (s = 0; s < n; s += 16) {  // sum p v: values converted once per block, heads two at a time
+    const int64_t kn = std::min<int64_t>(16, n - s);
+    for (int64_t j = 0; j < kn; ++j)
+      for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(kv + j * hd + 16 * c, load16(vals + (s + j) * hd + 16 * c));
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) accumulate<2, HD>(acc + g * hd, p + g * np + s, np, kv, kn, hd);
+    if (g < G) accumulate<1, HD>(acc + g * hd, p + g * np + s, np, kv, kn, hd);
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < chunks; ++c) pocketllama::store16(orows[g] + 16 * c, _mm512_loadu_ps(acc + g * hd + 16 * c), 16);
 }
 
 template <typename T>
@@ -130,23 +158,31 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
         std::memcpy(slot(CK, R[b], h, pos), Kn + b * k.stride(0) + t * k.stride(1) + h * hd, hd * sizeof(T));
         std::memcpy(slot(CV, R[b], h, pos), Vn + b * v.stride(0) + t * v.stride(1) + h * hd, hd * sizeof(T));
       }
-  // 2. one work item per (row, head, query)
+  // 2. one work item per (row, query, kv head, group of at most 8 of its query heads); groups split in two
+  //    when there would be fewer than 4 items (a small model's few kv heads still use both cores)
   int64_t longest = 1;
   for (int64_t i = 0; i < B * T_; ++i) longest = std::max(longest, P[i] + 1);
+  int64_t gs = std::min<int64_t>(G, 8);
+  if (B * T_ * KV * ((G + gs - 1) / gs) < 4 && gs > 1) gs = (gs + 1) / 2;
+  const int64_t parts = (G + gs - 1) / gs, np = (longest + 15) / 16 * 16;
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * H * T_, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf(hd), p((longest + 15) / 16 * 16);
+  at::parallel_for(0, B * T_ * KV * parts, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(gs * hd), p(gs * np), kv(16 * hd), acc(gs * hd);
+    std::vector<T*> orows(gs);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * T_), h = i / T_ % H, t = i % T_;
-      const int64_t n = P[b * T_ + t] + 1, kvh = h / G;
-      const T* qrow = Q + b * q.stride(0) + t * q.stride(1) + h * hd;
-      for (int64_t d = 0; d < hd; ++d) qf[d] = static_cast<float>(qrow[d]);
+      const int64_t b = i / (T_ * KV * parts), t = i / (KV * parts) % T_, kvh = i / parts % KV;
+      const int64_t h0 = kvh * G + i % parts * gs, g = std::min(gs, (kvh + 1) * G - h0);
+      const int64_t n = P[b * T_ + t] + 1;
+      for (int64_t e = 0; e < g; ++e) {
+        const T* qrow = Q + b * q.stride(0) + t * q.stride(1) + (h0 + e) * hd;
+        for (int64_t d = 0; d < hd; ++d) qf[e * hd + d] = static_cast<float>(qrow[d]);
+        orows[e] = O + (b * T_ + t) * H * hd + (h0 + e) * hd;
+      }
       const T* keys = slot(CK, R[b], kvh, 0);
       const T* vals = slot(CV, R[b], kvh, 0);
-      T* orow = O + (b * T_ + t) * H * hd + h * hd;
-      if (hd == 64) attend_row<T, 4>(qf.data(), keys, vals, n, hd, sc, p.data(), orow);
-      else if (hd == 128) attend_row<T, 8>(qf.data(), keys, vals, n, hd, sc, p.data(), orow);
-      else attend_row<T, 0>(qf.data(), keys, vals, n, hd, sc, p.data(), orow);
+      if (hd == 64) attend_group<T, 4>(qf.data(), g, keys, vals, n, hd, sc, p.data(), np, kv.data(), acc.data(), orows.data());
+      else if (hd == 128) attend_group<T, 8>(qf.data(), g, keys, vals, n, hd, sc, p.data(), np, kv.data(), acc.data(), orows.data());
+      else attend_group<T, 0>(qf.data(), g, keys, vals, n, hd, sc, p.data(), np, kv.data(), acc.data(), orows.data());
     }
   });
 }
