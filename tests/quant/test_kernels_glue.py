@@ -150,6 +150,29 @@ def test_decode_attention_writes_the_cache_and_matches_eager_attention(dtype, hd
                                atol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("hd", [64, 128, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_never_reads_slots_past_the_query(dtype, hd):
+    """Slots after a query's position may hold anything (here NaN): an odd number of keys (the bf16 kernel
+    pairs keys) and a partial 16-key block must not let them in."""
+    g = torch.Generator().manual_seed(3)
+    H, KV, S = 4, 2, 64
+    cache_k = torch.full((1, KV, S, hd), float("nan")).to(dtype)
+    cache_v = cache_k.clone()
+    for n in (1, 17, 19):  # keys 0..n-1 written one step at a time (positions 0, 1, ...)
+        ref_k, ref_v = cache_k.nan_to_num(0.0), cache_v.nan_to_num(0.0)  # the reference masks them, times 0
+        ref_k[:, :, :n - 1] = cache_k[:, :, :n - 1] = torch.randn(1, KV, n - 1, hd, generator=g).to(dtype)
+        ref_v[:, :, :n - 1] = cache_v[:, :, :n - 1] = torch.randn(1, KV, n - 1, hd, generator=g).to(dtype)
+        q, k, v = (torch.randn(1, 1, w * hd, generator=g).to(dtype) for w in (H, KV, KV))
+        rows, positions = torch.tensor([0]), torch.tensor([[n - 1]])
+        with torch.inference_mode():
+            out = kernels.decode_attention(q, k, v, cache_k, cache_v, rows, positions, hd)
+        assert not out.isnan().any()
+        want = _reference_attention(q, k, v, ref_k, ref_v, rows, positions, hd)
+        torch.testing.assert_close(out, want, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_decode_attention_refuses_a_position_outside_the_cache():
     hd = 16
     q, k, v = torch.randn(1, 1, 2 * hd), torch.randn(1, 1, hd), torch.randn(1, 1, hd)

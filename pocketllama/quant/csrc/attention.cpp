@@ -18,6 +18,7 @@
 #include "simd.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -136,6 +137,110 @@ void attend_group(const float* qf, int64_t G, const T* keys, const T* vals, int6
     for (int64_t c = 0; c < chunks; ++c) pocketllama::store16(orows[g] + 16 * c, _mm512_loadu_ps(acc + g * hd + 16 * c), 16);
 }
 
+#ifdef __AVX512BF16__
+// p v for E heads over `pairs` key pairs: vp holds the values interleaved by key pair (32-bit lane = the same
+// dimension of two keys), pb the heads' probabilities as bf16; acc per head in the pair-permuted order.
+template <int E, int C2>
+inline void accumulate_bf16(float* acc, const uint16_t* pb, int64_t np, const __m512i* vp, int64_t pairs) {
+  constexpr int64_t hd = 32 * C2;
+  __m512 r[E][2 * C2];
+  for (int e = 0; e < E; ++e)
+    for (int k = 0; k < 2 * C2; ++k) r[e][k] = _mm512_loadu_ps(acc + e * hd + 16 * k);
+  for (int64_t j = 0; j < pairs; ++j)
+    for (int e = 0; e < E; ++e) {
+      int32_t two;  // p of keys 2j (low half) and 2j + 1 (high half)
+      std::memcpy(&two, pb + e * np + 2 * j, 4);
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(two);
+      for (int k = 0; k < 2 * C2; ++k) r[e][k] = _mm512_dpbf16_ps(r[e][k], (__m512bh)vp[j * 2 * C2 + k], w);
+    }
+  for (int e = 0; e < E; ++e)
+    for (int k = 0; k < 2 * C2; ++k) _mm512_storeu_ps(acc + e * hd + 16 * k, r[e][k]);
+}
+
+// attend_group for bfloat16 caches: each vdpbf16ps does 32 multiply-adds on the stored bf16 values (products
+// of bf16 values are exact in fp32; only the summation order differs), so keys need no conversion, and values
+// are interleaved by key pair once per block of 16 for all G heads. q: the G query rows (bf16, consecutive).
+// C2: head_dim / 32. pb: G rows of np bf16 probabilities; vp: 8 x 2 C2 vectors; acc: G x hd fp32.
+template <int C2>
+void attend_group_bf16(const c10::BFloat16* q, int64_t G, const c10::BFloat16* keys, const c10::BFloat16* vals,
+                       int64_t n, float sc, float* p, uint16_t* pb, int64_t np, __m512i* vp, float* acc,
+                       c10::BFloat16* const* orows) {
+  constexpr int MAX_G = 8;
+  constexpr int64_t hd = 32 * C2;
+  using BF = c10::BFloat16;
+  auto bh = [](const BF* ptr) { return (__m512bh)_mm512_loadu_si512(ptr); };
+  __m512 tops[MAX_G];
+  float tail_top[MAX_G];
+  for (int64_t g = 0; g < G; ++g) tops[g] = _mm512_set1_ps(-INFINITY), tail_top[g] = -INFINITY;
+  int64_t s = 0;
+  for (; s + 16 <= n; s += 16)  // scores, 16 keys at a time
+    for (int64_t g = 0; g < G; ++g) {
+      __m512bh qv[C2];
+      for (int c = 0; c < C2; ++c) qv[c] = bh(q + g * hd + 32 * c);
+      __m512 a[16];
+      for (int j = 0; j < 16; ++j) {
+        a[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), bh(keys + (s + j) * hd), qv[0]);
+        for (int c = 1; c < C2; ++c) a[j] = _mm512_dpbf16_ps(a[j], bh(keys + (s + j) * hd + 32 * c), qv[c]);
+      }
+      const __m512 x = round_vec<BF>(_mm512_mul_ps(round_vec<BF>(hsum16(a)), _mm512_set1_ps(sc)));
+      _mm512_storeu_ps(p + g * np + s, x);
+      tops[g] = _mm512_max_ps(tops[g], x);
+    }
+  for (; s < n; ++s)  // the last keys one at a time
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 a = _mm512_setzero_ps();
+      for (int c = 0; c < C2; ++c) a = _mm512_dpbf16_ps(a, bh(keys + s * hd + 32 * c), bh(q + g * hd + 32 * c));
+      const float x = round_to<BF>(round_to<BF>(_mm512_reduce_add_ps(a)) * sc);
+      p[g * np + s] = x;
+      tail_top[g] = x > tail_top[g] ? x : tail_top[g];
+    }
+  for (int64_t g = 0; g < G; ++g) {  // softmax per head; the probabilities rounded to bf16, kept as bf16 bits
+    float* pg = p + g * np;
+    const __m512 top = _mm512_set1_ps(std::max(tail_top[g], _mm512_reduce_max_ps(tops[g])));
+    __m512 sums = _mm512_setzero_ps();
+    for (s = 0; s < n; s += 16) {
+      const __mmask16 m = pocketllama::tail(n - s);
+      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, pg + s), top));
+      _mm512_mask_storeu_ps(pg + s, m, e);
+      sums = _mm512_mask_add_ps(sums, m, sums, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sums));
+    for (s = 0; s < n; s += 16) {  // lanes past n store 0: the partner of an odd last key weighs nothing
+      const __mmask16 m = pocketllama::tail(n - s);
+      const __m512 w = _mm512_maskz_mul_ps(m, _mm512_maskz_loadu_ps(m, pg + s), inv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + g * np + s),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(pocketllama::bf16_bits(w), 16)));
+    }
+  }
+  std::fill(acc, acc + G * hd, 0.f);
+  for (s = 0; s < n; s += 16) {  // sum p v
+    const int64_t pairs = (std::min<int64_t>(16, n - s) + 1) / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      const BF* a = vals + (s + 2 * j) * hd;
+      const bool second = s + 2 * j + 1 < n;  // an odd last key pairs with zeros, never with unwritten slots
+      for (int c = 0; c < C2; ++c) {
+        const __m512i va = _mm512_loadu_si512(a + 32 * c);
+        const __m512i vb = second ? _mm512_loadu_si512(a + hd + 32 * c) : _mm512_setzero_si512();
+        vp[j * 2 * C2 + 2 * c] = _mm512_unpacklo_epi16(va, vb);
+        vp[j * 2 * C2 + 2 * c + 1] = _mm512_unpackhi_epi16(va, vb);
+      }
+    }
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) accumulate_bf16<2, C2>(acc + g * hd, pb + g * np + s, np, vp, pairs);
+    if (g < G) accumulate_bf16<1, C2>(acc + g * hd, pb + g * np + s, np, vp, pairs);
+  }
+  // per 32 dimensions, unpacklo's lane 4L + i held dimension 8L + i and unpackhi's 8L + 4 + i
+  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  for (int64_t g = 0; g < G; ++g)
+    for (int c = 0; c < C2; ++c) {
+      const __m512 lo = _mm512_loadu_ps(acc + g * hd + 32 * c), hi = _mm512_loadu_ps(acc + g * hd + 32 * c + 16);
+      pocketllama::store16(orows[g] + 32 * c, _mm512_permutex2var_ps(lo, first, hi), 16);
+      pocketllama::store16(orows[g] + 32 * c + 16, _mm512_permutex2var_ps(lo, second, hi), 16);
+    }
+}
+#endif
+
 template <typename T>
 void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& ck, at::Tensor& cv,
                  const at::Tensor& rows, const at::Tensor& positions, double scale, at::Tensor& out) {
@@ -166,20 +271,35 @@ void attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   if (B * T_ * KV * ((G + gs - 1) / gs) < 4 && gs > 1) gs = (gs + 1) / 2;
   const int64_t parts = (G + gs - 1) / gs, np = (longest + 15) / 16 * 16;
   const float sc = static_cast<float>(scale);
+#ifdef __AVX512BF16__
+  constexpr bool is_bf16 = std::is_same_v<T, c10::BFloat16>;
+#else
+  constexpr bool is_bf16 = false;
+#endif
+  const bool dp = is_bf16 && (hd == 64 || hd == 128);  // the vdpbf16ps kernel
   at::parallel_for(0, B * T_ * KV * parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qf(gs * hd), p(gs * np), kv(16 * hd), acc(gs * hd);
+    std::vector<uint16_t> pb(dp ? gs * np : 0);
+    std::vector<__m512i> vp(dp ? 8 * (hd / 16) : 0);
     std::vector<T*> orows(gs);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (T_ * KV * parts), t = i / (KV * parts) % T_, kvh = i / parts % KV;
       const int64_t h0 = kvh * G + i % parts * gs, g = std::min(gs, (kvh + 1) * G - h0);
       const int64_t n = P[b * T_ + t] + 1;
-      for (int64_t e = 0; e < g; ++e) {
-        const T* qrow = Q + b * q.stride(0) + t * q.stride(1) + (h0 + e) * hd;
-        for (int64_t d = 0; d < hd; ++d) qf[e * hd + d] = static_cast<float>(qrow[d]);
-        orows[e] = O + (b * T_ + t) * H * hd + (h0 + e) * hd;
-      }
+      const T* q0 = Q + b * q.stride(0) + t * q.stride(1) + h0 * hd;  // the group's query rows, consecutive
+      for (int64_t e = 0; e < g; ++e) orows[e] = O + (b * T_ + t) * H * hd + (h0 + e) * hd;
       const T* keys = slot(CK, R[b], kvh, 0);
       const T* vals = slot(CV, R[b], kvh, 0);
+#ifdef __AVX512BF16__
+      if constexpr (is_bf16) {
+        if (dp) {
+          if (hd == 64) attend_group_bf16<2>(q0, g, keys, vals, n, sc, p.data(), pb.data(), np, vp.data(), acc.data(), orows.data());
+          else attend_group_bf16<4>(q0, g, keys, vals, n, sc, p.data(), pb.data(), np, vp.data(), acc.data(), orows.data());
+          continue;
+        }
+      }
+#endif
+      for (int64_t d = 0; d < g * hd; ++d) qf[d] = static_cast<float>(q0[d]);
       if (hd == 64) attend_group<T, 4>(qf.data(), g, keys, vals, n, hd, sc, p.data(), np, kv.data(), acc.data(), orows.data());
       else if (hd == 128) attend_group<T, 8>(qf.data(), g, keys, vals, n, hd, sc, p.data(), np, kv.data(), acc.data(), orows.data());
       else attend_group<T, 0>(qf.data(), g, keys, vals, n, hd, sc, p.data(), np, kv.data(), acc.data(), orows.data());
