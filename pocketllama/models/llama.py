@@ -32,11 +32,12 @@ ONE_CALL_LAYERS = True
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose decode-sized bfloat16 inputs take pocketllama's GEMV kernel (`quant.kernels.dense_mm`),
-    which streams the weight at close to memory bandwidth where oneDNN's `linear` and `mv` do not."""
+    """nn.Linear whose decode-sized bfloat16 / float32 inputs take pocketllama's GEMV kernels
+    (`quant.kernels.dense_mm`), which stream the weight at close to memory bandwidth where oneDNN's `linear`
+    and `mv` do not."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.numel() <= SMALL_M * self.in_features:
+        if x.dtype in (torch.bfloat16, torch.float32) and x.numel() <= SMALL_M * self.in_features:
             y = dense_mm(x.reshape(-1, self.in_features), self.weight, self.bias)  # (rows, N)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
@@ -49,7 +50,7 @@ class Embedding(nn.Embedding):
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., D) -> logits (..., vocab) = h @ weight.T."""
         w = self.weight
-        if h.dtype == torch.bfloat16 and h.numel() <= SMALL_M * h.shape[-1]:  # decode rows: see Linear
+        if h.dtype in (torch.bfloat16, torch.float32) and h.numel() <= SMALL_M * h.shape[-1]:  # decode: see Linear
             return dense_mm(h.reshape(-1, h.shape[-1]), w).view(*h.shape[:-1], -1)
         return F.linear(h, w)
 

@@ -127,15 +127,16 @@ def interleaved_rows(weight: torch.Tensor, kind: str, ids: torch.Tensor) -> torc
 
 
 def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ weight (N, K).T (+ bias) for a float weight. Decode-sized bfloat16 inputs take the C++ bf16
-    GEMV (vdpbf16ps, ~1.5x the bandwidth of oneDNN's `linear` or `mv` for M = 1 on these CPUs); everything
-    else `F.linear`."""
-    if (x.shape[0] <= SMALL_M and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.shape[1] % 32 == 0 and weight.is_contiguous() and x.device.type == "cpu"
+    """x (M, K) @ weight (N, K).T (+ bias) for a float weight. Decode-sized bfloat16 and float32 inputs take
+    the C++ GEMVs (bf16: vdpbf16ps, ~1.5x the bandwidth of oneDNN's `linear` or `mv` for M = 1 on these CPUs;
+    fp32: ~4x ATen's `mm`); everything else `F.linear`."""
+    op = {torch.bfloat16: ("bf16_gemv", 32), torch.float32: ("f32_gemv", 16)}.get(x.dtype)
+    if (op is not None and x.shape[0] <= SMALL_M and weight.dtype == x.dtype and x.shape[1] % op[1] == 0
+            and weight.is_contiguous() and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):  # no autograd
         ext = extension()
-        if ext is not None and hasattr(ext, "bf16_gemv"):
-            y = ext.bf16_gemv(x, weight)
+        if ext is not None and hasattr(ext, op[0]):
+            y = getattr(ext, op[0])(x, weight)
             return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 

@@ -246,3 +246,26 @@ def test_dense_bf16_gemv_matches_float_reference_within_bf16_rounding(rows, n, b
         y = kernels.dense_mm(x, w, bias)
     assert y.shape == (rows, n) and y.dtype == torch.bfloat16
     assert ((y.float() - ref).abs() <= 2**-7 * ref.abs() + 0.05).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9])
+@pytest.mark.parametrize("n", [64, 203])
+def test_dense_fp32_gemv_matches_linear_and_rows_together_equal_rows_alone(rows, n, backend):
+    """`dense_mm` on float32 decode rows (C++ fp32 GEMV for <= 8 rows, N not a multiple of its 4-row blocks
+    included; else F.linear): F.linear's values up to summation order, and each row of a batch the bits that
+    row alone gives (speculative verification equals decode)."""
+    w = _x(n, 576)
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(2))
+    bias = torch.randn(n)
+    with torch.inference_mode():
+        y = kernels.dense_mm(x, w, bias)
+        alone = torch.cat([kernels.dense_mm(x[i:i + 1], w, bias) for i in range(rows)])
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+    ext = kernels.extension()
+    if backend == "cpp" and rows <= 8:  # decode rows take the C++ kernel (ATen's own order may vary with M)
+        assert torch.equal(y, alone) and torch.equal(y, ext.f32_gemv(x, w) + bias)
+    with torch.enable_grad():  # training keeps F.linear (autograd)
+        wg = w.clone().requires_grad_()
+        kernels.dense_mm(x[:1], wg).sum().backward()
+        assert wg.grad is not None

@@ -7,7 +7,7 @@
 // `decode_layers` runs a whole trunk of such layers in one call (a small model's step spends ~20 us of Python
 // per layer around each call).
 // A projection is (kind, weight, scales, zeros, bias) as held by the Python modules (zeros None: symmetric int4):
-//   0 float weight (N, K): the bf16 GEMV for bf16 (M <= 8), else at::linear
+//   0 float weight (N, K): the bf16 / fp32 GEMVs (M <= 8), else at::linear
 //   1 int8 interleaved rows   2 int4 interleaved rows   3 int4 "groups" layout with int8 activations
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -32,6 +32,10 @@ at::Tensor project(const at::Tensor& x, int64_t kind, const c10::List<std::optio
         break;
       }
 #endif
+      if (x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.size(1) % 16 == 0 && w.is_contiguous()) {
+        y = pocketllama::ops::f32_gemv(x, w);
+        break;
+      }
       return at::linear(x, w, bias);
     case INT8: y = pocketllama::ops::int8_gemv(x, w, p.get(4 * i + 1).value()); break;
     case INT4: y = pocketllama::ops::int4_gemv(x, w, p.get(4 * i + 1).value(), p.get(4 * i + 2).value_or(at::Tensor())); break;

@@ -16,6 +16,7 @@ at::Tensor int4g_gemv_a8(const at::Tensor& x, const at::Tensor& w, const at::Ten
 #endif
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w);
 void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor cache_k,
                             at::Tensor cache_v, const at::Tensor& rows, const at::Tensor& positions, double scale);
