@@ -321,8 +321,10 @@ class LlamaModel(nn.Module):
         ctx = _StepContext(positions, cache, cache_rows, attn_mask)
         if ctx.one_call(h, cos) and (trunk := self._trunk_plan(h.dtype)) is not None:
             hd = trunk.head_dim  # every layer as one C++ call per step
-            h = kernels.extension().decode_layers(h, cos, sin, cache.keys, cache.values, ctx.row_ids, ctx.positions,
-                                                  trunk.norms, trunk.eps, trunk.tensors, trunk.kinds, hd, hd**-0.5)
+            n = len(trunk.plans)  # layer i uses cache slot i (checked in _trunk_plan)
+            h = kernels.extension().decode_layers(h, cos, sin, cache.keys[:n], cache.values[:n], ctx.row_ids,
+                                                  ctx.positions, trunk.norms, trunk.eps, trunk.tensors, trunk.kinds, hd,
+                                                  hd**-0.5)
         else:
             for layer in self.layers:
                 h = layer(h, cos, sin, ctx)
@@ -333,7 +335,7 @@ class LlamaModel(nn.Module):
         while every layer's plan stays valid."""
         layers = self.layers._modules.values()
         if any(type(layer) is not LlamaDecoderLayer or layer._forward_hooks or layer._forward_pre_hooks
-               for layer in layers):
+               or layer.self_attn.layer_idx != i for i, layer in enumerate(layers)):
             return None
         plans = [layer.decode_plan() for layer in layers]
         trunk = self.__dict__.get("_trunk")
