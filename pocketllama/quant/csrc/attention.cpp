@@ -52,6 +52,25 @@ inline __m512 exp_neg(__m512 x) {
   return pocketllama::exp_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.f)));  // e^-103 is below the smallest subnormal
 }
 
+// Softmax of one head's n scores (in pg, overwritten by the exponentials): e^(x - top) / sum, each probability
+// rounded to T; store(at, mask, w) receives the rounded probabilities 16 at a time (lanes past n are 0).
+template <typename T, typename Store>
+inline void softmax_rounded(float* pg, int64_t n, float top, Store&& store) {
+  const __m512 tv = _mm512_set1_ps(top);
+  __m512 sums = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 m = pocketllama::tail(n - s);
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, pg + s), tv));
+    _mm512_mask_storeu_ps(pg + s, m, e);
+    sums = _mm512_mask_add_ps(sums, m, sums, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sums));
+  for (int64_t s = 0; s < n; s += 16) {
+    const __mmask16 m = pocketllama::tail(n - s);
+    store(s, m, round_vec<T>(_mm512_maskz_mul_ps(m, _mm512_maskz_loadu_ps(m, pg + s), inv)));
+  }
+}
+
 // p v for E heads at once over kn keys: r (E x hd fp32 accumulators in memory) += p_e[j] * v[j], v rows already fp32
 // in `vb`. E heads give E x chunks independent FMA chains.
 template <int E, int HD>
@@ -108,21 +127,10 @@ void attend_group(const float* qf, int64_t G, const T* keys, const T* vals, int6
       p[g * np + s] = x;
       tail_top[g] = x > tail_top[g] ? x : tail_top[g];
     }
-  for (int64_t g = 0; g < G; ++g) {  // softmax per head, the probabilities rounded to T
+  for (int64_t g = 0; g < G; ++g) {  // softmax per head, the probabilities rounded to T, in place
     float* pg = p + g * np;
-    const __m512 top = _mm512_set1_ps(std::max(tail_top[g], _mm512_reduce_max_ps(tops[g])));
-    __m512 sums = _mm512_setzero_ps();
-    for (s = 0; s < n; s += 16) {
-      const __mmask16 m = pocketllama::tail(n - s);
-      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, pg + s), top));
-      _mm512_mask_storeu_ps(pg + s, m, e);
-      sums = _mm512_mask_add_ps(sums, m, sums, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sums));
-    for (s = 0; s < n; s += 16) {
-      const __mmask16 m = pocketllama::tail(n - s);
-      _mm512_mask_storeu_ps(pg + s, m, round_vec<T>(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, pg + s), inv)));
-    }
+    softmax_rounded<T>(pg, n, std::max(tail_top[g], _mm512_reduce_max_ps(tops[g])),
+                       [&](int64_t at, __mmask16 m, __m512 w) { _mm512_mask_storeu_ps(pg + at, m, w); });
   }
   std::fill(acc, acc + G * hd, 0.f);
   for (s = 0; s < n; s += 16) {  // sum p v: values converted once per block, heads two at a time
@@ -195,22 +203,12 @@ void attend_group_bf16(const c10::BFloat16* q, int64_t G, const c10::BFloat16* k
       tail_top[g] = x > tail_top[g] ? x : tail_top[g];
     }
   for (int64_t g = 0; g < G; ++g) {  // softmax per head; the probabilities rounded to bf16, kept as bf16 bits
-    float* pg = p + g * np;
-    const __m512 top = _mm512_set1_ps(std::max(tail_top[g], _mm512_reduce_max_ps(tops[g])));
-    __m512 sums = _mm512_setzero_ps();
-    for (s = 0; s < n; s += 16) {
-      const __mmask16 m = pocketllama::tail(n - s);
-      const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, pg + s), top));
-      _mm512_mask_storeu_ps(pg + s, m, e);
-      sums = _mm512_mask_add_ps(sums, m, sums, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sums));
-    for (s = 0; s < n; s += 16) {  // lanes past n store 0: the partner of an odd last key weighs nothing
-      const __mmask16 m = pocketllama::tail(n - s);
-      const __m512 w = _mm512_maskz_mul_ps(m, _mm512_maskz_loadu_ps(m, pg + s), inv);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + g * np + s),
-                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(pocketllama::bf16_bits(w), 16)));
-    }
+    uint16_t* pbg = pb + g * np;  // whole 16-lane blocks: lanes past n store 0, so an odd last key's partner weighs 0
+    softmax_rounded<BF>(p + g * np, n, std::max(tail_top[g], _mm512_reduce_max_ps(tops[g])),
+                        [&](int64_t at, __mmask16, __m512 w) {
+                          _mm256_storeu_si256(reinterpret_cast<__m256i*>(pbg + at),
+                                              _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w), 16)));
+                        });
   }
   std::fill(acc, acc + G * hd, 0.f);
   for (s = 0; s < n; s += 16) {  // sum p v
