@@ -506,19 +506,6 @@ void int4_dequant_impl(const uint8_t* W, const S* Sc, const S* Z, T* out, int64_
   });
 }
 
-inline void store16(const __m512 v, float* dst) { _mm512_storeu_ps(dst, v); }
-#ifdef __AVX512BF16__
-inline void store16(const __m512 v, c10::BFloat16* dst) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
-}
-#endif
-template <typename T>
-inline void store16(const __m512 v, T* dst) {
-  alignas(64) float tmp[16];
-  _mm512_storeu_ps(tmp, v);
-  for (int i = 0; i < 16; ++i) dst[i] = static_cast<T>(tmp[i]);
-}
-
 template <typename S, typename T>
 void int8_dequant_impl(const int8_t* W, const S* Sc, T* out, int64_t r0, int64_t r1, int64_t K, int64_t G) {
   constexpr int R = ROWS_INT8;
@@ -534,7 +521,7 @@ void int8_dequant_impl(const int8_t* W, const S* Sc, T* out, int64_t r0, int64_t
             const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + c * 64 * R + r * 64 + 16 * q));
             const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)),
                                            _mm512_set1_ps(static_cast<float>(Sc[n * G + k / gs])));
-            store16(v, out + (n - r0) * K + k);
+            pocketllama::store16(out + (n - r0) * K + k, v, 16);  // rounded as static_cast<T>
           }
         }
     }
